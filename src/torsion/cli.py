@@ -1,0 +1,113 @@
+"""The ``torsion`` command: ``--version``, ``info`` and ``tour``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torsion
+
+__all__ = ["main"]
+
+# The tour, in order: paths relative to the repository's examples/ folder.
+TOUR = [
+    "linalg/plot_spd_log_gradients.py",
+]
+
+DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _info() -> int:
+    import torch
+
+    print(f"torsion {torsion.__version__} ({Path(torsion.__file__).parent})")
+    print(f"python {sys.version.split()[0]}")
+    for name in DEPENDENCIES:
+        print(f"{name:16s}{_version(name)}")
+    print(f"threads         {torch.get_num_threads()}")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [
+            f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())
+        ]
+    print(f"devices         {', '.join(devices)}")
+    triton = importlib.util.find_spec("triton") is not None
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    print(
+        "kernel backends none registered yet (torsion.kernels arrives with the "
+        "tensor-product issue); "
+        f"triton {'importable' if triton else 'missing'}, "
+        f"CUDA {'available' if torch.cuda.is_available() else 'unavailable'}, "
+        f"TRITON_INTERPRET={'1' if interpret else 'unset'}"
+    )
+    return 0
+
+
+def _examples_dir() -> Path:
+    examples = Path(torsion.__file__).resolve().parents[2] / "examples"
+    if not examples.is_dir():
+        raise SystemExit(
+            f"torsion tour needs the examples/ folder of a source checkout; none at {examples}. "
+            "Install from a clone with `pip install -e .`."
+        )
+    return examples
+
+
+def _tour(args: argparse.Namespace) -> int:
+    examples = _examples_dir()
+    if args.list:
+        for path in TOUR:
+            print(examples / path)
+        return 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MPLBACKEND": "Agg", "TORSION_OUT": str(out)}
+    if args.quick:
+        env["TORSION_QUICK"] = "1"
+    failed = []
+    for path in TOUR:
+        print(f"== {path}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, str(examples / path)], env=env, check=False)
+        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+        print(f"== {path}: {status} in {time.perf_counter() - start:.1f} s\n", flush=True)
+        if result.returncode != 0:
+            failed.append(path)
+    print(f"tour: {len(TOUR) - len(failed)} of {len(TOUR)} examples ran; plots in {out}")
+    return 1 if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torsion", description=torsion.__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"torsion {torsion.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, devices and kernel backends")
+    tour = commands.add_parser("tour", help="run the examples in order")
+    tour.add_argument("--list", action="store_true", help="list the examples and exit")
+    tour.add_argument("--quick", action="store_true", help="shrink every example's problem")
+    tour.add_argument("--out", default="torsion-tour-out", help="folder for the plots")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        return _info()
+    return _tour(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

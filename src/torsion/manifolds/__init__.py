@@ -1,0 +1,32 @@
+"""Manifolds: geoopt-compatible SPD (affine-invariant, log-Euclidean, log-Cholesky,
+Bures-Wasserstein), Stiefel and Grassmann manifolds with a Riemannian Hessian
+(``ehess2rhess``), geodesics and batched Frechet means, all built on
+:mod:`torsion.linalg`.
+
+geoopt's :class:`~geoopt.Sphere`, :class:`~geoopt.Euclidean`,
+:class:`~geoopt.ProductManifold` and :class:`~geoopt.Scaled` are re-exported so one
+import serves.
+"""
+
+from geoopt import Euclidean, ProductManifold, Scaled, Sphere
+
+from torsion.manifolds._base import FrechetMean, Manifold
+from torsion.manifolds._spd import (
+    SPDAffineInvariant,
+    SPDBuresWasserstein,
+    SPDLogCholesky,
+    SPDLogEuclidean,
+)
+
+__all__ = [
+    "Euclidean",
+    "FrechetMean",
+    "Manifold",
+    "ProductManifold",
+    "SPDAffineInvariant",
+    "SPDBuresWasserstein",
+    "SPDLogCholesky",
+    "SPDLogEuclidean",
+    "Scaled",
+    "Sphere",
+]

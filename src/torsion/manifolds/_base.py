@@ -1,0 +1,150 @@
+"""The abstract manifold: geoopt's interface plus what Riemannian optimization needs."""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple
+
+import geoopt
+import torch
+from torch import Tensor
+
+__all__ = ["FrechetMean", "Manifold"]
+
+
+class FrechetMean(NamedTuple):
+    """Result of :meth:`Manifold.frechet_mean`.
+
+    Attributes:
+        mean: the weighted Frechet (Karcher) mean, shape ``(..., *point_shape)``.
+        iterations: Karcher-flow iterations taken (0 for a closed form).
+        converged: whether the Riemannian gradient norm fell below the tolerance,
+            a bool tensor of the batch shape.
+        gradient_norm: final norm of the Riemannian gradient of half the weighted sum of
+            squared distances, shape ``(...)``.
+    """
+
+    mean: Tensor
+    iterations: int
+    converged: Tensor
+    gradient_norm: Tensor
+
+
+class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
+    """Base class of torsion's manifolds: a :class:`geoopt.Manifold` with a Riemannian Hessian.
+
+    Subclasses keep geoopt's verbs and point-first argument order ``(x, u, v)``, so
+    ``geoopt.ManifoldParameter`` and geoopt's optimizers work unchanged. Added:
+
+    * :meth:`ehess2rhess`: the Riemannian Hessian-vector product from Euclidean
+      derivatives, for second-order optimizers and curvature probes;
+    * :meth:`random_tangent`, :meth:`geodesic`, :meth:`frechet_mean` and :attr:`dim`.
+
+    Manifolds are shape-agnostic: sizes come from the tensors. ``ndim`` trailing
+    dimensions make one point; leading dimensions are batch dimensions.
+    """
+
+    ndim = 2
+    reversible = False
+
+    @abc.abstractmethod
+    def ehess2rhess(self, x: Tensor, egrad: Tensor, ehess: Tensor, u: Tensor) -> Tensor:
+        """Riemannian Hessian of ``f`` at ``x`` applied to the tangent vector ``u``.
+
+        Args:
+            x: point.
+            egrad: Euclidean gradient of ``f`` at ``x``.
+            ehess: Euclidean Hessian-vector product ``D(grad f)(x)[u]``.
+            u: tangent vector at ``x``.
+        """
+
+    @abc.abstractmethod
+    def dim(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """Dimension of the manifold whose points have the trailing ``shape``."""
+
+    def random_tangent(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """A random tangent vector at ``x``: a Gaussian ambient draw projected with ``proju``."""
+        z = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        return self.proju(x, z)
+
+    def geodesic(self, x: Tensor, y: Tensor, t: Tensor | float) -> Tensor:
+        """Point at time ``t`` on the geodesic from ``x`` (``t = 0``) to ``y`` (``t = 1``).
+
+        ``t`` is a number or a tensor broadcasting against the batch shape.
+        """
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = t.reshape(t.shape + (1,) * self.ndim)
+        return self.expmap(x, t * self.logmap(x, y))
+
+    def frechet_mean(
+        self,
+        points: Tensor,
+        weights: Tensor | None = None,
+        *,
+        tol: float | None = None,
+        max_iter: int = 100,
+        step: float = 1.0,
+    ) -> FrechetMean:
+        """Weighted Frechet mean of ``N`` points by Karcher flow.
+
+        Iterates ``m <- expmap(m, step * sum_i w_i logmap(m, x_i))`` from the point with
+        the largest weight until the Riemannian gradient norm is below ``tol`` for every
+        batch element, or ``max_iter`` is reached. Subclasses override this with a
+        closed form where one exists. The stopping test reads a value back to the host
+        once per iteration; this is not a hot path.
+
+        Args:
+            points: ``N`` points along dimension ``-(ndim + 1)``.
+            weights: non-negative weights of shape ``(..., N)``, normalized to sum to one;
+                uniform by default.
+            tol: gradient-norm tolerance; defaults to ``sqrt(eps)`` of the dtype.
+            max_iter: iteration cap.
+            step: Karcher-flow step size (1 is exact for flat metrics).
+
+        Shapes:
+            ``points``: ``(..., N, *point_shape)``; ``weights``: ``(..., N)``;
+            ``mean``: ``(..., *point_shape)``.
+        """
+        points, weights = self._mean_inputs(points, weights)
+        tol = torch.finfo(points.dtype).eps ** 0.5 if tol is None else tol
+        mean = self._take(points, weights.argmax(dim=-1))
+        expand = (..., *([None] * self.ndim))
+        for iteration in range(1, max_iter + 1):
+            logs = self.logmap(mean.unsqueeze(-self.ndim - 1), points)
+            direction = (weights[expand] * logs).sum(dim=-self.ndim - 1)
+            gradient_norm = self.norm(mean, direction)
+            converged = gradient_norm <= tol
+            if bool(converged.all()):
+                return FrechetMean(mean, iteration - 1, converged, gradient_norm)
+            mean = self.expmap(mean, step * direction)
+        logs = self.logmap(mean.unsqueeze(-self.ndim - 1), points)
+        gradient_norm = self.norm(mean, (weights[expand] * logs).sum(dim=-self.ndim - 1))
+        return FrechetMean(mean, max_iter, gradient_norm <= tol, gradient_norm)
+
+    # -- helpers for subclasses -----------------------------------------------------------
+
+    def _mean_inputs(self, points: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Validate ``frechet_mean`` inputs and return normalized weights."""
+        if points.dim() < self.ndim + 1:
+            raise ValueError(
+                f"frechet_mean expects points of shape (..., N, *point_shape) with the set of "
+                f"N points before the last {self.ndim} dimensions, got shape {tuple(points.shape)}"
+            )
+        count = points.shape[-self.ndim - 1]
+        if count == 0:
+            raise ValueError("frechet_mean needs at least one point, got an empty set")
+        batch = points.shape[: -self.ndim - 1]
+        if weights is None:
+            weights = points.new_full((*batch, count), 1.0 / count)
+        else:
+            if weights.shape[-1] != count:
+                raise ValueError(f"frechet_mean got {weights.shape[-1]} weights for {count} points")
+            weights = weights.to(points.dtype)
+            weights = (weights / weights.sum(dim=-1, keepdim=True)).expand(*batch, count)
+        return points, weights
+
+    def _take(self, points: Tensor, index: Tensor) -> Tensor:
+        """``points[..., index[...], *point]``: one point per batch element."""
+        index = index.reshape(*index.shape, 1, *([1] * self.ndim))
+        index = index.expand(*index.shape[: -self.ndim], *points.shape[-self.ndim :])
+        return points.gather(-self.ndim - 1, index).squeeze(-self.ndim - 1)
