@@ -1,6 +1,7 @@
 """Sphinx configuration for torsion's documentation."""
 
 import os
+from pathlib import Path
 
 import torsion
 
@@ -48,6 +49,10 @@ intersphinx_mapping = (
 )
 # Without inventories, cross-references to other projects cannot resolve; keep -W for ours.
 nitpicky = False
+
+# Executing the gallery (TORSION_DOCS_GALLERY=True) runs the examples in this process; their
+# own PNGs go to TORSION_OUT, which must not default to the examples/ folder they run in.
+os.environ.setdefault("TORSION_OUT", str(Path(__file__).parent / "_build" / "gallery-out"))
 
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",

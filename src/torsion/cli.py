@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torsion
 
-__all__ = ["main"]
+__all__ = ["kernel_environment", "main"]
 
 # The tour, in order: paths relative to the repository's examples/ folder.
 TOUR = [
@@ -30,6 +29,33 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
+def kernel_environment() -> dict[str, str]:
+    """What a kernel backend could use here, as facts: no registry exists yet.
+
+    ``torsion.kernels`` (the backend registry) is planned; until it lands this reports only
+    whether Triton imports, whether CUDA is available and whether ``TRITON_INTERPRET`` is
+    set, which is what the Triton backend will need.
+    """
+    import torch
+
+    try:
+        import triton
+    except Exception as error:  # a broken triton install raises more than ImportError
+        triton_state = (
+            "not installed"
+            if isinstance(error, ModuleNotFoundError) and error.name == "triton"
+            else f"installed but not importable ({type(error).__name__}: {error})"
+        )
+    else:
+        triton_state = f"importable ({triton.__version__})"
+    return {
+        "registry": "none yet (torsion.kernels is planned)",
+        "triton": triton_state,
+        "cuda": "available" if torch.cuda.is_available() else "unavailable",
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "unset"),
+    }
+
+
 def _info() -> int:
     import torch
 
@@ -44,15 +70,9 @@ def _info() -> int:
             f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())
         ]
     print(f"devices         {', '.join(devices)}")
-    triton = importlib.util.find_spec("triton") is not None
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    print(
-        "kernel backends none registered yet (torsion.kernels arrives with the "
-        "tensor-product issue); "
-        f"triton {'importable' if triton else 'missing'}, "
-        f"CUDA {'available' if torch.cuda.is_available() else 'unavailable'}, "
-        f"TRITON_INTERPRET={'1' if interpret else 'unset'}"
-    )
+    print("kernel backends")
+    for key, value in kernel_environment().items():
+        print(f"  {key:18s}{value}")
     return 0
 
 
