@@ -11,16 +11,19 @@ import serves.
 from geoopt import Euclidean, ProductManifold, Scaled, Sphere
 
 from torsion.manifolds._base import FrechetMean, Manifold
+from torsion.manifolds._grassmann import Grassmann
 from torsion.manifolds._spd import (
     SPDAffineInvariant,
     SPDBuresWasserstein,
     SPDLogCholesky,
     SPDLogEuclidean,
 )
+from torsion.manifolds._stiefel import Stiefel
 
 __all__ = [
     "Euclidean",
     "FrechetMean",
+    "Grassmann",
     "Manifold",
     "ProductManifold",
     "SPDAffineInvariant",
@@ -29,4 +32,5 @@ __all__ = [
     "SPDLogEuclidean",
     "Scaled",
     "Sphere",
+    "Stiefel",
 ]
