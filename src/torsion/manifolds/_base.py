@@ -46,6 +46,9 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
 
     ndim = 2
     reversible = False
+    check = False  # validate values (a host sync) on every call; subclasses take check=
+    _point_description = "a point of the manifold"
+    _vector_description = "a tangent vector"
 
     @abc.abstractmethod
     def ehess2rhess(self, x: Tensor, egrad: Tensor, ehess: Tensor, u: Tensor) -> Tensor:
@@ -122,6 +125,53 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
         return FrechetMean(mean, max_iter, gradient_norm <= tol, gradient_norm)
 
     # -- helpers for subclasses -----------------------------------------------------------
+
+    def _point_reason(self, x: Tensor, name: str) -> tuple[bool, str | None]:
+        """Whether ``x`` is a point, at the dtype's validation tolerance, and why not."""
+        raise NotImplementedError
+
+    def _vector_reason(self, x: Tensor, u: Tensor, name: str) -> tuple[bool, str | None]:
+        """Whether ``u`` is tangent at ``x``, at the dtype's validation tolerance, and why not."""
+        raise NotImplementedError
+
+    def _validate(self, method: str, points: dict, vectors: dict | None = None) -> None:
+        """Types, dtypes and matrix shapes always; values when ``self.check`` is set.
+
+        Args:
+            method: the public method's name, for the message.
+            points: the point arguments by name; the first is the base point.
+            vectors: the tangent-vector arguments by name.
+        """
+        where = f"{type(self).__name__}.{method}"
+        matrix_shape = None
+        for name, value in {**points, **(vectors or {})}.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{where} expects `{name}` to be a torch.Tensor")
+            if value.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"{where} expects `{name}` in float32 or float64, got {value.dtype}"
+                )
+            ok, reason = self._check_shape(value.shape, name)
+            if not ok:
+                raise ValueError(f"{where}: {reason}")
+            if matrix_shape is None:
+                matrix_shape = (name, tuple(value.shape[-2:]))
+            elif tuple(value.shape[-2:]) != matrix_shape[1]:
+                raise ValueError(
+                    f"{where}: `{name}` has matrix shape {tuple(value.shape[-2:])} but "
+                    f"`{matrix_shape[0]}` has {matrix_shape[1]}"
+                )
+        if not self.check:
+            return
+        for name, value in points.items():
+            ok, reason = self._point_reason(value, name)
+            if not ok:
+                raise ValueError(f"{where} expects {self._point_description} `{name}`: {reason}")
+        x = next(iter(points.values()))
+        for name, value in (vectors or {}).items():
+            ok, reason = self._vector_reason(x, value, name)
+            if not ok:
+                raise ValueError(f"{where} expects {self._vector_description} `{name}`: {reason}")
 
     def _mean_inputs(self, points: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
         """Validate ``frechet_mean`` inputs and return normalized weights."""

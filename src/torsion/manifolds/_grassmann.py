@@ -25,14 +25,13 @@ from torch import Tensor
 
 from torsion.linalg import polar, qr_unique, sym_funcm
 from torsion.manifolds._base import Manifold
+from torsion.manifolds._matrix import frobenius_inner, sym
 from torsion.manifolds._stiefel import (
     _block,
     _check_point_reason,
     _eye,
-    _frobenius_inner,
     _geodesic_frame,
     _size,
-    _sym,
 )
 
 __all__ = ["Grassmann"]
@@ -195,6 +194,9 @@ class Grassmann(Manifold):
         tensor(0.7854, dtype=torch.float64)
     """
 
+    _point_description = "an orthonormal representative"
+    _vector_description = "a horizontal tangent vector"
+
     ndim = 2
     reversible = False
 
@@ -240,39 +242,13 @@ class Grassmann(Manifold):
             )
         return True, None
 
-    def _validate(self, method: str, points: dict, vectors: dict | None = None) -> None:
-        """Types, dtypes and shapes always; values when ``self.check`` is set."""
-        where = f"{type(self).__name__}.{method}"
-        matrix_shape = None
-        for name, value in {**points, **(vectors or {})}.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{where} expects `{name}` to be a torch.Tensor")
-            if value.dtype not in (torch.float32, torch.float64):
-                raise TypeError(
-                    f"{where} expects `{name}` in float32 or float64, got {value.dtype}"
-                )
-            ok, reason = self._check_shape(value.shape, name)
-            if not ok:
-                raise ValueError(f"{where}: {reason}")
-            if matrix_shape is None:
-                matrix_shape = (name, tuple(value.shape[-2:]))
-            elif tuple(value.shape[-2:]) != matrix_shape[1]:
-                raise ValueError(
-                    f"{where}: `{name}` has matrix shape {tuple(value.shape[-2:])} but "
-                    f"`{matrix_shape[0]}` has {matrix_shape[1]}"
-                )
-        if not self.check:
-            return
-        tolerance = torch.finfo(next(iter(points.values())).dtype).eps ** 0.5
-        for name, value in points.items():
-            ok, reason = _check_point_reason(value, atol=tolerance, rtol=0.0, name=name)
-            if not ok:
-                raise ValueError(f"{where} expects an orthonormal representative: {reason}")
-        x = next(iter(points.values()))
-        for name, value in (vectors or {}).items():
-            ok, reason = self._check_vector_on_tangent(x, value, atol=tolerance, rtol=tolerance)
-            if not ok:
-                raise ValueError(f"{where} expects a horizontal tangent vector `{name}`: {reason}")
+    def _point_reason(self, x, name):
+        tolerance = torch.finfo(x.dtype).eps ** 0.5
+        return _check_point_reason(x, atol=tolerance, rtol=0.0, name=name)
+
+    def _vector_reason(self, x, u, name):
+        tolerance = torch.finfo(x.dtype).eps ** 0.5
+        return self._check_vector_on_tangent(x, u, atol=tolerance, rtol=tolerance)
 
     # -- metric ------------------------------------------------------------------------------
 
@@ -287,7 +263,7 @@ class Grassmann(Manifold):
     def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = False):
         """``tr(u^T v)``."""
         self._validate("inner", {"x": x}, {"u": u} if v is None else {"u": u, "v": v})
-        return _frobenius_inner(u, u if v is None else v, keepdim)
+        return frobenius_inner(u, u if v is None else v, keepdim)
 
     def norm(self, x: Tensor, u: Tensor, *, keepdim: bool = False) -> Tensor:
         self._validate("norm", {"x": x}, {"u": u})
@@ -352,8 +328,8 @@ class Grassmann(Manifold):
         x, y = torch.broadcast_tensors(x, y)
         xty = x.mT @ y
         w = y - x @ xty
-        sin2 = torch.linalg.eigvalsh(_sym(w.mT @ w))
-        cos2 = torch.linalg.eigvalsh(_sym(xty.mT @ xty)).flip(-1)
+        sin2 = torch.linalg.eigvalsh(sym(w.mT @ w))
+        cos2 = torch.linalg.eigvalsh(sym(xty.mT @ xty)).flip(-1)
         distance = _safe_sqrt(_principal_angles_squared(sin2, cos2).sum(dim=-1))
         return distance[..., None, None] if keepdim else distance
 
@@ -392,7 +368,7 @@ class Grassmann(Manifold):
     def ehess2rhess(self, x: Tensor, egrad: Tensor, ehess: Tensor, u: Tensor) -> Tensor:
         """``proju(x, ehess) - u sym(x^T egrad)`` (Absil, Mahony & Sepulchre 2008)."""
         self._validate("ehess2rhess", {"x": x}, {"egrad": egrad, "ehess": ehess, "u": u})
-        return ehess - x @ (x.mT @ ehess) - u @ _sym(x.mT @ egrad)
+        return ehess - x @ (x.mT @ ehess) - u @ sym(x.mT @ egrad)
 
     # -- sampling ----------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ from torsion.linalg import (
     sym_sqrtm,
 )
 from torsion.manifolds._base import FrechetMean, Manifold
+from torsion.manifolds._matrix import frobenius_inner, sym
 
 __all__ = ["SPDAffineInvariant", "SPDBuresWasserstein", "SPDLogCholesky", "SPDLogEuclidean"]
 
@@ -61,20 +62,12 @@ _PROJX_FLOOR_RESOLUTIONS = 32.0
 # ---------------------------------------------------------------------------------------
 
 
-def _sym(a: Tensor) -> Tensor:
-    return (a + a.mT) / 2
-
-
 def _diag(a: Tensor) -> Tensor:
     return a.diagonal(dim1=-2, dim2=-1)
 
 
 def _eye_like(x: Tensor) -> Tensor:
     return torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-
-
-def _frobenius_inner(a: Tensor, b: Tensor, keepdim: bool) -> Tensor:
-    return (a * b).sum(dim=(-2, -1), keepdim=keepdim)
 
 
 def _frobenius_norm(a: Tensor, keepdim: bool) -> Tensor:
@@ -112,7 +105,7 @@ def _cholesky(x: Tensor) -> Tensor:
     every later log and triangular solve finite, which is all that is promised for such
     input when checking is off. On SPD input the floor is far below any pivot.
     """
-    factor, _ = torch.linalg.cholesky_ex(_sym(x))
+    factor, _ = torch.linalg.cholesky_ex(sym(x))
     scale = _representable_scale(_diag(x).abs().amax(dim=-1, keepdim=True))
     floor = (eigenvalue_floor(x.dtype) * scale).sqrt()
     return factor.tril(-1) + torch.diag_embed(torch.maximum(_diag(factor), floor))
@@ -126,13 +119,13 @@ def _whiten(chol: Tensor, a: Tensor) -> Tensor:
 
 def _color(chol: Tensor, a: Tensor) -> Tensor:
     """``L a L^T``, the inverse of :func:`_whiten`."""
-    return _sym(chol @ a @ chol.mT)
+    return sym(chol @ a @ chol.mT)
 
 
 def _sqrt_pair(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(x^(1/2), x^(-1/2))`` from one eigendecomposition: ``x^(1/2) = x x^(-1/2)``."""
     inverse = sym_invsqrtm(x)
-    return _sym(x @ inverse), inverse
+    return sym(x @ inverse), inverse
 
 
 def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -144,7 +137,7 @@ def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Callable[[T
     eigenvalues); the result has exact first derivatives in ``x`` and ``E``.
     """
     value, pullback = torch.func.vjp(fn, x)
-    return value, lambda e: _sym(pullback(e.expand_as(value))[0])
+    return value, lambda e: sym(pullback(e.expand_as(value))[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +176,7 @@ class _Lyapunov(torch.autograd.Function):
         adjoint = _Lyapunov.apply(x, grad, lam, q)  # the operator is self-adjoint
         grad_x = grad_u = None
         if ctx.needs_input_grad[0]:
-            grad_x = -_sym(adjoint @ solution.mT + solution.mT @ adjoint).sum_to_size(x_shape)
+            grad_x = -sym(adjoint @ solution.mT + solution.mT @ adjoint).sum_to_size(x_shape)
         if ctx.needs_input_grad[1]:
             grad_u = adjoint.sum_to_size(u_shape)
         return grad_x, grad_u, None, None
@@ -192,7 +185,7 @@ class _Lyapunov(torch.autograd.Function):
 def _lyapunov(x: Tensor, u: Tensor) -> Tensor:
     """``L_x[u]``: the solution of ``x L + L x = u`` (eigenvalues floored as in linalg)."""
     with torch.no_grad():
-        lam, q = torch.linalg.eigh(_sym(x.detach()))
+        lam, q = torch.linalg.eigh(sym(x.detach()))
         scale = _representable_scale(lam.abs().amax(dim=-1, keepdim=True))
         lam = torch.maximum(lam, eigenvalue_floor(x.dtype) * scale)
     return _Lyapunov.apply(x, u, lam, q)
@@ -211,6 +204,9 @@ class _SPD(Manifold):
             ``ValueError`` with a readable message. Costs an eigenvalue decomposition and
             a host synchronisation per call, so it is off by default.
     """
+
+    _point_description = "symmetric positive definite"
+    _vector_description = "a symmetric tangent vector"
 
     ndim = 2
     reversible = False
@@ -242,28 +238,11 @@ class _SPD(Manifold):
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
         return _symmetric_reason(u, "u", atol=atol, rtol=rtol)
 
-    def _validate(self, method: str, points: dict, vectors: dict | None = None) -> None:
-        """Shapes always; symmetry and positive definiteness when ``self.check`` is set."""
-        where = f"{type(self).__name__}.{method}"
-        arguments = {**points, **(vectors or {})}
-        for name, value in arguments.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{where} expects `{name}` to be a torch.Tensor")
-            ok, reason = self._check_shape(value.shape, name)
-            if not ok:
-                raise ValueError(f"{where}: {reason}")
-        if not self.check:
-            return
-        for name, value in points.items():
-            tol = symmetry_tolerance(value.dtype)
-            ok, reason = _spd_reason(value, atol=0.0, rtol=tol, name=name)
-            if not ok:
-                raise ValueError(f"{where} expects symmetric positive definite `{name}`: {reason}")
-        for name, value in (vectors or {}).items():
-            tol = symmetry_tolerance(value.dtype)
-            ok, reason = _symmetric_reason(value, name, atol=0.0, rtol=tol)
-            if not ok:
-                raise ValueError(f"{where} expects a symmetric tangent vector `{name}`: {reason}")
+    def _point_reason(self, x, name):
+        return _spd_reason(x, atol=0.0, rtol=symmetry_tolerance(x.dtype), name=name)
+
+    def _vector_reason(self, x, u, name):
+        return _symmetric_reason(u, name, atol=0.0, rtol=symmetry_tolerance(u.dtype))
 
     # -- shared geometry -------------------------------------------------------------------
 
@@ -277,7 +256,7 @@ class _SPD(Manifold):
 
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         """Tangent projection: the symmetric part ``(u + u^T) / 2`` (every metric)."""
-        return _sym(u)
+        return sym(u)
 
     def projx(self, x: Tensor) -> Tensor:
         """Nearest SPD matrix (Frobenius) up to a floor: clamp the eigenvalues of ``sym(x)``.
@@ -290,11 +269,11 @@ class _SPD(Manifold):
         ok, reason = self._check_shape(x.shape, "x")
         if not ok:
             raise ValueError(f"{type(self).__name__}.projx: {reason}")
-        y = _sym(x)
+        y = sym(x)
         relative_floor = _PROJX_FLOOR_RESOLUTIONS * eigenvalue_floor(x.dtype)
         tiny = torch.finfo(x.dtype).tiny / relative_floor
         scale = _frobenius_norm(y, keepdim=True).clamp_min(tiny)
-        return _sym(scale * sym_clampm(y / scale, relative_floor))
+        return sym(scale * sym_clampm(y / scale, relative_floor))
 
     def random(
         self,
@@ -349,7 +328,7 @@ class _SPD(Manifold):
         eigenvalues = condition**fractions
         scale = 2.0 ** (2.0 * torch.rand(*batch, 1, **options) - 1.0)
         x = (q * (scale * eigenvalues)[..., None, :]) @ q.mT
-        return _sym(x).to(dtype=dtype, device=device)
+        return sym(x).to(dtype=dtype, device=device)
 
     # -- per-metric contract ---------------------------------------------------------------
 
@@ -397,7 +376,7 @@ def _spd_reason(x: Tensor, *, atol: float, rtol: float, name: str = "x"):
     if not ok or x.numel() == 0:
         return ok, reason
     with torch.no_grad():
-        smallest = torch.linalg.eigvalsh(_sym(x.detach()))[..., 0]
+        smallest = torch.linalg.eigvalsh(sym(x.detach()))[..., 0]
     bad = smallest <= 0
     if bool(bad.any()):
         return False, (
@@ -451,7 +430,7 @@ class SPDAffineInvariant(_SPD):
         chol = _cholesky(x)
         a = _whiten(chol, u)
         b = a if v is None else _whiten(chol, v)
-        return _frobenius_inner(a, b, keepdim)
+        return frobenius_inner(a, b, keepdim)
 
     def norm(self, x, u, *, keepdim=False):
         self._validate("norm", {"x": x}, {"u": u})
@@ -459,12 +438,12 @@ class SPDAffineInvariant(_SPD):
 
     def egrad2rgrad(self, x, u):
         self._validate("egrad2rgrad", {"x": x}, {})
-        return _sym(x @ _sym(u) @ x)
+        return sym(x @ sym(u) @ x)
 
     def retr(self, x, u):
         self._validate("retr", {"x": x}, {"u": u})
-        w = torch.linalg.solve_triangular(_cholesky(x), _sym(u), upper=False)
-        return _sym(x + u) + 0.5 * _sym(w.mT @ w)
+        w = torch.linalg.solve_triangular(_cholesky(x), sym(u), upper=False)
+        return sym(x + u) + 0.5 * sym(w.mT @ w)
 
     def expmap(self, x, u):
         self._validate("expmap", {"x": x}, {"u": u})
@@ -493,7 +472,7 @@ class SPDAffineInvariant(_SPD):
 
     def ehess2rhess(self, x, egrad, ehess, u):
         self._validate("ehess2rhess", {"x": x}, {"u": u})
-        return _sym(x @ _sym(ehess) @ x) + _sym(u @ _sym(egrad) @ x)
+        return sym(x @ sym(ehess) @ x) + sym(u @ sym(egrad) @ x)
 
     def geodesic(self, x, y, t):
         """``X^(1/2) (X^(-1/2) Y X^(-1/2))^t X^(1/2)``; ``t`` a number or a batch tensor."""
@@ -595,9 +574,9 @@ class SPDLogEuclidean(_SPD):
         self._validate("inner", {"x": x}, {"u": u} if v is None else {"u": u, "v": v})
         if v is None:
             _, (a,) = self._differential_of_log(x, u)
-            return _frobenius_inner(a, a, keepdim)
+            return frobenius_inner(a, a, keepdim)
         _, (a, b) = self._differential_of_log(x, u, v)
-        return _frobenius_inner(a, b, keepdim)
+        return frobenius_inner(a, b, keepdim)
 
     def norm(self, x, u, *, keepdim=False):
         self._validate("norm", {"x": x}, {"u": u})
@@ -608,7 +587,7 @@ class SPDLogEuclidean(_SPD):
         self._validate("egrad2rgrad", {"x": x}, {})
         x, u = _broadcast(x, u)
         _, dexp = _vjp(sym_expm, sym_logm(x))
-        return dexp(dexp(_sym(u)))
+        return dexp(dexp(sym(u)))
 
     def expmap(self, x, u):
         self._validate("expmap", {"x": x}, {"u": u})
@@ -651,7 +630,7 @@ class SPDLogEuclidean(_SPD):
             return _vjp(sym_expm, s)[1](g)
 
         # Hessian of f o expm at S = log X along W: D^2exp_S[W, G] + Dexp_S[H].
-        _, chart_hessian = torch.func.jvp(chart_gradient, (log_x, _sym(egrad)), (w, _sym(ehess)))
+        _, chart_hessian = torch.func.jvp(chart_gradient, (log_x, sym(egrad)), (w, sym(ehess)))
         _, dexp = _vjp(sym_expm, log_x)
         return dexp(chart_hessian)
 
@@ -686,7 +665,7 @@ def _closed_form_mean(mean: Tensor) -> FrechetMean:
 
 def _cholesky_differential(chol: Tensor, u: Tensor) -> Tensor:
     """``Dchol_X[U] = L (L^-1 U L^-T)_1/2`` (strictly lower part plus half the diagonal)."""
-    whitened = _whiten(chol, _sym(u))
+    whitened = _whiten(chol, sym(u))
     half = whitened.tril(-1) + 0.5 * torch.diag_embed(_diag(whitened))
     return chol @ half
 
@@ -752,7 +731,7 @@ class SPDLogCholesky(_SPD):
         chol = _cholesky(x)
         a = self._chart_tangent(chol, u)
         b = a if v is None else self._chart_tangent(chol, v)
-        return _frobenius_inner(a, b, keepdim)
+        return frobenius_inner(a, b, keepdim)
 
     def norm(self, x, u, *, keepdim=False):
         self._validate("norm", {"x": x}, {"u": u})
@@ -761,7 +740,7 @@ class SPDLogCholesky(_SPD):
     def egrad2rgrad(self, x, u):
         self._validate("egrad2rgrad", {"x": x}, {})
         chol = _cholesky(x)
-        p = 2 * _sym(u) @ chol
+        p = 2 * sym(u) @ chol
         dchol = _lower_with_diagonal(p, _diag(chol) ** 2 * _diag(p))
         return _cholesky_pushforward(chol, dchol)
 
@@ -771,7 +750,7 @@ class SPDLogCholesky(_SPD):
         dchol = _cholesky_differential(chol, u)
         diagonal = _diag(chol)
         target = _lower_with_diagonal(chol + dchol, diagonal * torch.exp(_diag(dchol) / diagonal))
-        return _sym(target @ target.mT)
+        return sym(target @ target.mT)
 
     def retr(self, x, u):
         return self.expmap(x, u)
@@ -811,7 +790,7 @@ class SPDLogCholesky(_SPD):
         self._validate("ehess2rhess", {"x": x}, {"u": u})
         chol = _cholesky(x)
         diagonal = _diag(chol)
-        g, h = _sym(egrad), _sym(ehess)
+        g, h = sym(egrad), sym(ehess)
         dchol = _cholesky_differential(chol, u)
         g_dchol, g_chol, h_chol = 2 * g @ dchol, 2 * g @ chol, 2 * h @ chol
         chart_hessian = _lower_with_diagonal(
@@ -834,7 +813,7 @@ class SPDLogCholesky(_SPD):
             _diag(target)
         )
         path = _lower_with_diagonal((1 - t) * chol + t * target, torch.exp(log_diagonal))
-        return _sym(path @ path.mT)
+        return sym(path @ path.mT)
 
     def frechet_mean(self, points, weights=None, *, tol=None, max_iter=100, step=1.0):
         """Closed form on Cholesky factors (Lin 2019, Prop. 9).
@@ -847,7 +826,7 @@ class SPDLogCholesky(_SPD):
         chol = _cholesky(points)
         log_diagonal = (weights[..., None] * torch.log(_diag(chol))).sum(dim=-2)
         factor = _lower_with_diagonal(_weighted_sum(weights, chol), torch.exp(log_diagonal))
-        return _closed_form_mean(_sym(factor @ factor.mT))
+        return _closed_form_mean(sym(factor @ factor.mT))
 
 
 # ---------------------------------------------------------------------------------------
@@ -906,18 +885,18 @@ class SPDBuresWasserstein(_SPD):
 
     def inner(self, x, u, v=None, *, keepdim=False):
         self._validate("inner", {"x": x}, {"u": u} if v is None else {"u": u, "v": v})
-        solution = _lyapunov(x, _sym(u))
-        return 0.5 * _frobenius_inner(solution, _sym(u) if v is None else _sym(v), keepdim)
+        solution = _lyapunov(x, sym(u))
+        return 0.5 * frobenius_inner(solution, sym(u) if v is None else sym(v), keepdim)
 
     def egrad2rgrad(self, x, u):
         self._validate("egrad2rgrad", {"x": x}, {})
-        product = x @ _sym(u)
+        product = x @ sym(u)
         return 2 * (product + product.mT)
 
     def expmap(self, x, u):
         self._validate("expmap", {"x": x}, {"u": u})
-        factor = _eye_like(x) + _lyapunov(x, _sym(u))
-        return _sym(factor @ x @ factor)
+        factor = _eye_like(x) + _lyapunov(x, sym(u))
+        return sym(factor @ x @ factor)
 
     def retr(self, x, u):
         return self.expmap(x, u)
@@ -926,7 +905,7 @@ class SPDBuresWasserstein(_SPD):
         """``X^(1/2)``, ``X^(-1/2)``, ``R = (X^(1/2) Y X^(1/2))^(1/2)`` and ``T``."""
         root, inverse_root = _sqrt_pair(x)
         middle = sym_sqrtm(root @ y @ root)
-        return root, inverse_root, middle, _sym(inverse_root @ middle @ inverse_root)
+        return root, inverse_root, middle, sym(inverse_root @ middle @ inverse_root)
 
     def logmap(self, x, y):
         self._validate("logmap", {"x": x, "y": y})
@@ -950,14 +929,14 @@ class SPDBuresWasserstein(_SPD):
 
     def transp(self, x, y, v):
         self._validate("transp", {"x": x, "y": y}, {"v": v})
-        moved = _sym(v)
+        moved = sym(v)
         shape = torch.broadcast_shapes(x.shape, y.shape, v.shape)
         return moved if moved.shape == shape else moved.expand(shape).clone()
 
     def ehess2rhess(self, x, egrad, ehess, u):
         self._validate("ehess2rhess", {"x": x}, {"u": u})
-        g, h = _sym(egrad), _sym(ehess)
-        solution = _lyapunov(x, _sym(u))
+        g, h = sym(egrad), sym(ehess)
+        solution = _lyapunov(x, sym(u))
         product = 2 * (h @ x + g @ solution @ x)
         return product + product.mT
 
@@ -967,7 +946,7 @@ class SPDBuresWasserstein(_SPD):
         _, _, _, transport = self._transport_map(x, y)
         t = _time(t, x)
         factor = (1 - t) * _eye_like(x) + t * transport
-        return _sym(factor @ x @ factor)
+        return sym(factor @ x @ factor)
 
     def frechet_mean(self, points, weights=None, *, tol=None, max_iter=100, step=1.0):
         """Wasserstein barycenter by the fixed point of Álvarez-Esteban et al. (2016).
@@ -1000,7 +979,7 @@ class SPDBuresWasserstein(_SPD):
             converged = gradient_norm <= tol
             if iteration == max_iter or bool(converged.all()):
                 return FrechetMean(mean, iteration, converged, gradient_norm)
-            transport = _sym(inverse_root @ averaged @ inverse_root)
+            transport = sym(inverse_root @ averaged @ inverse_root)
             factor = _eye_like(mean) + step * (transport - _eye_like(mean))
-            mean = _sym(factor @ mean @ factor)
+            mean = sym(factor @ mean @ factor)
         raise AssertionError("unreachable")  # pragma: no cover

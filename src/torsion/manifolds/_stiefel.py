@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from torsion.linalg import cayley_retraction, polar, qr_unique
 from torsion.manifolds._base import Manifold
+from torsion.manifolds._matrix import frobenius_inner, sym
 
 __all__ = ["Stiefel"]
 
@@ -64,20 +65,12 @@ _RETRACTIONS = ("qr", "polar", "cayley", "exp")
 # ---------------------------------------------------------------------------------------
 
 
-def _sym(a: Tensor) -> Tensor:
-    return (a + a.mT) / 2
-
-
 def _skew(a: Tensor) -> Tensor:
     return (a - a.mT) / 2
 
 
 def _eye(k: int, like: Tensor) -> Tensor:
     return torch.eye(k, dtype=like.dtype, device=like.device)
-
-
-def _frobenius_inner(a: Tensor, b: Tensor, keepdim: bool = False) -> Tensor:
-    return (a * b).sum(dim=(-2, -1), keepdim=keepdim)
 
 
 def _bmv(scale: Tensor) -> Tensor:
@@ -295,7 +288,7 @@ def _conjugate_gradient(
     """
 
     def dot(u: tuple[Tensor, ...], v: tuple[Tensor, ...]) -> Tensor:
-        return sum(_frobenius_inner(a, b) for a, b in zip(u, v, strict=True))
+        return sum(frobenius_inner(a, b) for a, b in zip(u, v, strict=True))
 
     solution = tuple(torch.zeros_like(t) for t in rhs)
     residual = rhs
@@ -474,7 +467,7 @@ class _StiefelLog(torch.autograd.Function):
         def exp_of(u: Tensor) -> Tensor:
             return _stiefel_exp(x64, u, canonical)
 
-        target = g64 - x64 @ _sym(x64.mT @ g64)
+        target = g64 - x64 @ sym(x64.mT @ g64)
         _, pullback = torch.func.vjp(exp_of, d64)
 
         def forward_map(v: Tensor) -> Tensor:
@@ -489,7 +482,7 @@ class _StiefelLog(torch.autograd.Function):
         grad_x = grad_y = None
         if ctx.needs_input_grad[0]:
             _, pullback_x = torch.func.vjp(lambda z: _stiefel_exp(z, d64, canonical), x64)
-            grad_x = -pullback_x(lam)[0] - d64 @ _sym(x64.mT @ g64)
+            grad_x = -pullback_x(lam)[0] - d64 @ sym(x64.mT @ g64)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_y = lam.to(x.dtype)
@@ -581,6 +574,9 @@ class Stiefel(Manifold):
         5
     """
 
+    _point_description = "a point of the Stiefel manifold"
+    _vector_description = "a tangent vector"
+
     ndim = 2
     reversible = False
 
@@ -640,7 +636,7 @@ class Stiefel(Manifold):
             return False, "`u` has NaN or infinite entries"
         if u.numel() == 0:
             return True, None
-        worst = float((2.0 * _sym(x.mT @ u)).abs().amax())
+        worst = float((2.0 * sym(x.mT @ u)).abs().amax())
         if worst > atol + rtol * max(1.0, float(u.abs().amax())):
             return False, (
                 f"`u` is not tangent: x^T u + u^T x should vanish, its largest entry is "
@@ -648,40 +644,13 @@ class Stiefel(Manifold):
             )
         return True, None
 
-    def _validate(self, method: str, points: dict, vectors: dict | None = None) -> None:
-        """Types, dtypes and shapes always; values when ``self.check`` is set."""
-        where = f"{type(self).__name__}.{method}"
-        arguments = {**points, **(vectors or {})}
-        matrix_shape = None
-        for name, value in arguments.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{where} expects `{name}` to be a torch.Tensor")
-            if value.dtype not in (torch.float32, torch.float64):
-                raise TypeError(
-                    f"{where} expects `{name}` in float32 or float64, got {value.dtype}"
-                )
-            ok, reason = self._check_shape(value.shape, name)
-            if not ok:
-                raise ValueError(f"{where}: {reason}")
-            if matrix_shape is None:
-                matrix_shape = (name, tuple(value.shape[-2:]))
-            elif tuple(value.shape[-2:]) != matrix_shape[1]:
-                raise ValueError(
-                    f"{where}: `{name}` has matrix shape {tuple(value.shape[-2:])} but "
-                    f"`{matrix_shape[0]}` has {matrix_shape[1]}"
-                )
-        if not self.check:
-            return
-        tolerance = torch.finfo(next(iter(points.values())).dtype).eps ** 0.5
-        for name, value in points.items():
-            ok, reason = _check_point_reason(value, atol=tolerance, rtol=0.0, name=name)
-            if not ok:
-                raise ValueError(f"{where} expects a point of the Stiefel manifold: {reason}")
-        x = next(iter(points.values()))
-        for name, value in (vectors or {}).items():
-            ok, reason = self._check_vector_on_tangent(x, value, atol=tolerance, rtol=tolerance)
-            if not ok:
-                raise ValueError(f"{where} expects a tangent vector `{name}`: {reason}")
+    def _point_reason(self, x, name):
+        tolerance = torch.finfo(x.dtype).eps ** 0.5
+        return _check_point_reason(x, atol=tolerance, rtol=0.0, name=name)
+
+    def _vector_reason(self, x, u, name):
+        tolerance = torch.finfo(x.dtype).eps ** 0.5
+        return self._check_vector_on_tangent(x, u, atol=tolerance, rtol=tolerance)
 
     # -- metric ------------------------------------------------------------------------------
 
@@ -697,9 +666,9 @@ class Stiefel(Manifold):
         """``tr(u^T v)`` (Euclidean) or ``tr(u^T v) - tr((x^T u)^T (x^T v)) / 2`` (canonical)."""
         self._validate("inner", {"x": x}, {"u": u} if v is None else {"u": u, "v": v})
         v = u if v is None else v
-        value = _frobenius_inner(u, v, keepdim)
+        value = frobenius_inner(u, v, keepdim)
         if self.canonical:
-            value = value - 0.5 * _frobenius_inner(x.mT @ u, x.mT @ v, keepdim)
+            value = value - 0.5 * frobenius_inner(x.mT @ u, x.mT @ v, keepdim)
         return value
 
     def norm(self, x: Tensor, u: Tensor, *, keepdim: bool = False) -> Tensor:
@@ -708,14 +677,14 @@ class Stiefel(Manifold):
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         """``u - x sym(x^T u)``: the orthogonal projection onto the tangent space."""
         self._validate("proju", {"x": x}, {"u": u})
-        return u - x @ _sym(x.mT @ u)
+        return u - x @ sym(x.mT @ u)
 
     def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
         """``proju(x, u)`` (Euclidean) or ``u - x u^T x`` (canonical)."""
         self._validate("egrad2rgrad", {"x": x}, {"u": u})
         if self.canonical:
             return u - x @ (u.mT @ x)
-        return u - x @ _sym(x.mT @ u)
+        return u - x @ sym(x.mT @ u)
 
     def projx(self, x: Tensor) -> Tensor:
         """Closest point: the orthogonal polar factor ``x (x^T x)^(-1/2)``."""
@@ -763,7 +732,7 @@ class Stiefel(Manifold):
     def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """Projection vector transport ``proju(y, v)``: tangent at ``y``, not isometric."""
         self._validate("transp", {"x": x, "y": y}, {"v": v})
-        return v - y @ _sym(y.mT @ v)
+        return v - y @ sym(y.mT @ v)
 
     # -- second order --------------------------------------------------------------------------
 
@@ -779,8 +748,8 @@ class Stiefel(Manifold):
         """
         self._validate("ehess2rhess", {"x": x}, {"egrad": egrad, "ehess": ehess, "u": u})
         if not self.canonical:
-            w = ehess - u @ _sym(x.mT @ egrad)
-            return w - x @ _sym(x.mT @ w)
+            w = ehess - u @ sym(x.mT @ egrad)
+            return w - x @ sym(x.mT @ w)
         xtg = x.mT @ egrad
         normal_u = u - x @ (x.mT @ u)
         form = (
