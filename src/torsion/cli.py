@@ -17,6 +17,7 @@ __all__ = ["kernel_environment", "main"]
 # The tour, in order: paths relative to the repository's examples/ folder.
 TOUR = [
     "linalg/plot_spd_log_gradients.py",
+    "manifolds/plot_spd_frechet_means.py",
 ]
 
 DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]
