@@ -190,7 +190,12 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
             if weights.shape[-1] != count:
                 raise ValueError(f"frechet_mean got {weights.shape[-1]} weights for {count} points")
             weights = weights.to(points.dtype)
-            weights = (weights / weights.sum(dim=-1, keepdim=True)).expand(*batch, count)
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+                raise ValueError("frechet_mean needs finite, non-negative weights")
+            total = weights.sum(dim=-1, keepdim=True)
+            if bool((total <= 0).any()):
+                raise ValueError("frechet_mean needs weights with a positive sum")
+            weights = (weights / total).expand(*batch, count)
         return points, weights
 
     def _take(self, points: Tensor, index: Tensor) -> Tensor:

@@ -244,6 +244,15 @@ class _SPD(Manifold):
     def _vector_reason(self, x, u, name):
         return _symmetric_reason(u, name, atol=0.0, rtol=symmetry_tolerance(u.dtype))
 
+    def _closed_form_mean(
+        self, mean: Tensor, points: Tensor, weights: Tensor, tol: float | None
+    ) -> FrechetMean:
+        """A closed-form mean with its measured Riemannian gradient norm (not a nominal 0)."""
+        direction = _weighted_sum(weights, self.logmap(mean.unsqueeze(-3), points))
+        gradient_norm = self.norm(mean, direction)
+        tol = torch.finfo(points.dtype).eps ** 0.5 if tol is None else tol
+        return FrechetMean(mean, 0, gradient_norm <= tol, gradient_norm)
+
     # -- shared geometry -------------------------------------------------------------------
 
     def dim(self, shape) -> int:
@@ -649,13 +658,7 @@ class SPDLogEuclidean(_SPD):
         points, weights = self._mean_inputs(points, weights)
         self._validate("frechet_mean", {"points": points})
         mean = sym_expm(_weighted_sum(weights, sym_logm(points)))
-        return _closed_form_mean(mean)
-
-
-def _closed_form_mean(mean: Tensor) -> FrechetMean:
-    batch = mean.shape[:-2]
-    converged = torch.ones(batch, dtype=torch.bool, device=mean.device)
-    return FrechetMean(mean, 0, converged, mean.new_zeros(batch))
+        return self._closed_form_mean(mean, points, weights, tol)
 
 
 # ---------------------------------------------------------------------------------------
@@ -826,7 +829,7 @@ class SPDLogCholesky(_SPD):
         chol = _cholesky(points)
         log_diagonal = (weights[..., None] * torch.log(_diag(chol))).sum(dim=-2)
         factor = _lower_with_diagonal(_weighted_sum(weights, chol), torch.exp(log_diagonal))
-        return _closed_form_mean(sym(factor @ factor.mT))
+        return self._closed_form_mean(sym(factor @ factor.mT), points, weights, tol)
 
 
 # ---------------------------------------------------------------------------------------
