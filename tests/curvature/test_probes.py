@@ -1,0 +1,400 @@
+"""Curvature probes against dense oracles on float64 operators with known spectra."""
+
+import math
+
+import pytest
+import torch
+
+from torsion.curvature.probes import (
+    EigshResult,
+    diagonal,
+    eigsh,
+    slq_quadrature,
+    spectral_density,
+    trace,
+)
+
+F64 = torch.float64
+
+
+class CountingDense:
+    """A minimal structural operator around a dense matrix that counts its products."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+        self.shape = tuple(matrix.shape)
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.matvecs = 0
+
+    def matmat(self, v):
+        self.matvecs += v.shape[1]
+        return self.matrix @ v
+
+
+class PytreeDense(CountingDense):
+    """Adds ``flatten``/``unflatten`` for a two-tensor parameter dict."""
+
+    def __init__(self, matrix, split):
+        super().__init__(matrix)
+        self.split = split
+
+    def unflatten(self, flat):
+        a, b = flat.split([self.split, flat.shape[0] - self.split])
+        return {"w": a.reshape(2, -1), "b": b}
+
+    def flatten(self, tree):
+        return torch.cat([tree["w"].reshape(-1), tree["b"]])
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def with_spectrum(eigenvalues, seed=0):
+    eigenvalues = torch.as_tensor(eigenvalues, dtype=F64)
+    n = eigenvalues.shape[0]
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen(seed)))
+    q = q * torch.sign(r.diagonal())
+    a = (q * eigenvalues) @ q.T
+    return (a + a.T) / 2, q
+
+
+def decaying(n=200, rate=0.7, top=10.0):
+    return top * rate ** torch.arange(n, dtype=F64)
+
+
+def hessian_like(n=200):
+    """A few outliers over a bulk near zero, as in trained networks."""
+    bulk = 0.3 * torch.rand(n - 5, dtype=F64, generator=gen(11)) - 0.05
+    return torch.cat([torch.tensor([10.0, 7.0, 5.0, 3.0, 2.0], dtype=F64), bulk])
+
+
+def clustered(n=120):
+    """Clustered top (10, 9.999, ...), a separated bottom with the largest magnitude."""
+    top = 10.0 - 0.001 * torch.arange(5, dtype=F64)
+    bottom = torch.tensor([-11.0, -9.0, -7.0, -6.5, -6.0], dtype=F64)
+    return torch.cat([top, torch.linspace(-4.0, 8.0, n - 10, dtype=F64), bottom])
+
+
+def wanted(eigenvalues, which, k):
+    if which == "LA":
+        return eigenvalues.sort(descending=True).values[:k]
+    if which == "SA":
+        return eigenvalues.sort().values[:k]
+    return eigenvalues[eigenvalues.abs().argsort(descending=True)][:k]
+
+
+# --------------------------------------------------------------------------- eigsh
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_eigsh_matches_eigvalsh(which, k):
+    a, _ = with_spectrum(clustered())
+    op = CountingDense(a)
+    res = eigsh(op, k, which, tol=1e-10, generator=gen(1))
+    assert isinstance(res, EigshResult) and res.converged
+    assert res.eigenvalues.shape == (k,) and res.eigenvectors.shape == (a.shape[0], k)
+    assert res.eigenvalues.dtype == F64
+    expected = wanted(torch.linalg.eigvalsh(a), which, k)
+    torch.testing.assert_close(res.eigenvalues, expected, rtol=1e-8, atol=1e-8)
+    y = res.eigenvectors
+    torch.testing.assert_close(y.T @ y, torch.eye(k, dtype=F64), rtol=0, atol=1e-10)
+    residuals = torch.linalg.vector_norm(a @ y - y * res.eigenvalues, dim=0)
+    torch.testing.assert_close(res.residuals, residuals, rtol=1e-6, atol=1e-12)
+    assert (residuals <= 1e-10 * res.eigenvalues.abs() + 1e-12).all()
+    assert res.matvecs == op.matvecs
+
+
+def test_eigsh_block_finds_repeated_eigenvalue():
+    lam = torch.cat(
+        [torch.tensor([5.0, 5.0, 4.0], dtype=F64), torch.linspace(-1, 3, 57, dtype=F64)]
+    )
+    a, _ = with_spectrum(lam, seed=3)
+    res = eigsh(CountingDense(a), 3, tol=1e-10, generator=gen(2))
+    torch.testing.assert_close(res.eigenvalues, lam[:3], rtol=1e-9, atol=0)
+
+
+def test_eigsh_single_vector_block_and_small_ncv():
+    a, _ = with_spectrum(clustered())
+    res = eigsh(CountingDense(a), 5, tol=1e-10, block_size=1, ncv=12, generator=gen(4))
+    assert res.converged
+    expected = wanted(torch.linalg.eigvalsh(a), "LA", 5)
+    torch.testing.assert_close(res.eigenvalues, expected, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("spectrum", [decaying, hessian_like])
+def test_eigsh_cold_top1_uses_few_products(spectrum):
+    a, _ = with_spectrum(spectrum())
+    top = torch.linalg.eigvalsh(a)[-1]
+    loose, tight, missed = [], [], 0
+    for seed in range(20):
+        # The 1e-3 target of TARGETS.md section 4: a third of PyHessian's 21 products.
+        res = eigsh(CountingDense(a), tol=1e-2, generator=gen(seed))
+        assert res.converged
+        # A start nearly orthogonal to the top eigenvector can stop, at so loose a
+        # tolerance, on the second eigenvalue (any Krylov method can): allow one in 20.
+        missed += bool(abs(res.eigenvalues[0] - top) / top > 1e-3)
+        loose.append(res.matvecs)
+        # The default residual tolerance gives machine-precision eigenvalues, still < 21.
+        res = eigsh(CountingDense(a), generator=gen(seed))
+        assert res.converged and abs(res.eigenvalues[0] - top) / top <= 1e-12
+        tight.append(res.matvecs)
+    # A random start can be unlucky (tiny overlap with the top eigenvector): bound the median.
+    assert missed <= 1 and sorted(loose)[10] <= 6 and max(loose) <= 9
+    assert sorted(tight)[10] <= 10 and max(tight) <= 13
+
+
+@pytest.mark.parametrize("size", [0.1, 0.01])
+def test_eigsh_warm_start_from_perturbed_eigenvector(size):
+    lam = decaying()
+    a, q = with_spectrum(lam)
+    # A smooth perturbation: a decaying mixture of the other eigenvectors.
+    mix = torch.randn(lam.shape[0] - 1, dtype=F64, generator=gen(5)) * lam[1:] / lam[1]
+    v0 = q[:, 0] + size * q[:, 1:] @ mix / mix.norm()
+    op = CountingDense(a)
+    res = eigsh(op, v0=v0)
+    assert res.converged and op.matvecs == res.matvecs <= 10
+    assert abs(res.eigenvalues[0] - lam[0]) / lam[0] <= 1e-12
+
+
+def test_eigsh_warm_start_along_slowly_changing_operator():
+    lam = hessian_like()
+    a, _ = with_spectrum(lam)
+    drift = torch.randn(a.shape, dtype=F64, generator=gen(6))
+    drift = (drift + drift.T) / drift.norm()
+    previous = eigsh(CountingDense(a), generator=gen(7))
+    for step in range(1, 6):
+        moved = a + 0.05 * step * drift
+        op = CountingDense(moved)
+        res = eigsh(op, v0=previous)  # an EigshResult is accepted as a warm start
+        assert res.converged and res.matvecs <= 10
+        top = torch.linalg.eigvalsh(moved)[-1]
+        assert abs(res.eigenvalues[0] - top) / top <= 1e-10
+        previous = res
+
+
+def test_eigsh_warm_start_block_and_pytree():
+    lam = hessian_like(60)
+    a, q = with_spectrum(lam)
+    op = PytreeDense(a, split=20)
+    res = eigsh(op, 2, v0=q[:, :2] + 1e-3, tol=1e-8)
+    assert res.converged and res.matvecs <= 10
+    torch.testing.assert_close(res.eigenvalues, lam[:2], rtol=1e-10, atol=0)
+    trees = res.eigenvector_trees
+    assert len(trees) == 2 and trees[0]["w"].shape == (2, 10) and trees[0]["b"].shape == (40,)
+    tree_v0 = op.unflatten(q[:, 0])
+    res = eigsh(op, v0=tree_v0, tol=1e-8)
+    assert res.matvecs <= 3
+
+
+def test_eigsh_whole_space_and_zero_eigenvalues():
+    lam = torch.tensor([3.0, 0.0, 0.0, -2.0, 1.0], dtype=F64)
+    a, _ = with_spectrum(lam)
+    res = eigsh(CountingDense(a), 5, "SA", generator=gen(0))
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, lam.sort().values, rtol=0, atol=1e-12)
+    res = eigsh(CountingDense(torch.zeros(4, 4, dtype=F64)), 2, generator=gen(0))
+    assert res.converged and torch.equal(res.eigenvalues, torch.zeros(2, dtype=F64))
+
+
+def test_eigsh_reports_non_convergence():
+    a, _ = with_spectrum(clustered())
+    res = eigsh(CountingDense(a), tol=1e-12, max_iter=3, generator=gen(0))
+    assert not res.converged and res.matvecs == 3
+    assert torch.isfinite(res.eigenvalues).all()
+
+
+def test_eigsh_errors():
+    op = CountingDense(with_spectrum(decaying(6))[0])
+    with pytest.raises(ValueError, match="k=7"):
+        eigsh(op, 7)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        eigsh(op, 0)
+    with pytest.raises(ValueError, match="which"):
+        eigsh(op, 1, "BE")
+    with pytest.raises(ValueError, match="tol"):
+        eigsh(op, tol=0.0)
+    with pytest.raises(ValueError, match="v0"):
+        eigsh(op, v0=torch.ones(5, dtype=F64))
+    with pytest.raises(TypeError, match="flatten"):
+        eigsh(op, v0={"w": torch.ones(6)})
+    with pytest.raises(ValueError, match="ncv"):
+        eigsh(op, 2, ncv=7)
+    with pytest.raises(TypeError, match="generator"):
+        eigsh(op, generator=0)
+    with pytest.raises(ValueError, match="square"):
+        eigsh(CountingDense(torch.ones(3, 4, dtype=F64)))
+    with pytest.raises(TypeError, match="matmat"):
+        eigsh(torch.eye(3))
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def _estimates(a, method, m, seeds):
+    out = [trace(CountingDense(a), m, method, generator=gen(s)) for s in seeds]
+    est = torch.stack([o.estimate for o in out])
+    se = torch.stack([o.standard_error for o in out])
+    return est, se, out
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp", "xtrace"])
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_trace_unbiased_and_error_bars_cover(method, spectrum):
+    n = 100
+    lam = (
+        decaying(n, 0.9)
+        if spectrum == "decaying"
+        else 1 + torch.rand(n, dtype=F64, generator=gen(9))
+    )
+    a, _ = with_spectrum(lam, seed=2)
+    truth = lam.sum()
+    est, se, out = _estimates(a, method, 30, range(300))
+    assert all(o.method == method and o.matvecs == 30 for o in out)
+    # Unbiased: the mean over seeds lies within 4 of its own standard errors of the truth.
+    assert abs(est.mean() - truth) <= 4 * est.std() / math.sqrt(len(est))
+    # The reported standard error tracks the actual spread and covers at about 95 %.
+    assert 0.6 <= se.mean() / est.std() <= 1.4
+    coverage = ((est - truth).abs() <= 1.96 * se).double().mean()
+    # XTrace's error estimate (std of its correlated leave-one-out estimates, as in the
+    # paper) is a heuristic: it covers about 78 % at nominal 95 % here.
+    assert (0.7 if method == "xtrace" else 0.85) <= coverage <= 0.99
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
+    a, _ = with_spectrum(decaying(150, 0.7), seed=4)
+    truth = torch.trace(a)
+    errors = {}
+    for method in ("hutchinson", "hutchpp", "xtrace"):
+        est, _, _ = _estimates(a, method, 30, range(100))
+        errors[method] = (est - truth).square().mean()
+    assert errors["hutchpp"] < 0.1 * errors["hutchinson"]
+    assert errors["xtrace"] < errors["hutchpp"]
+
+
+def test_trace_auto_picks_by_spectrum():
+    dec, _ = with_spectrum(decaying(150, 0.7), seed=4)
+    flat, _ = with_spectrum(1 + torch.rand(150, dtype=F64, generator=gen(3)), seed=4)
+    for seed in range(10):
+        res = trace(CountingDense(dec), 60, generator=gen(seed))
+        assert res.method == "hutchpp" and res.matvecs == 60
+        op = CountingDense(flat)
+        res = trace(op, 60, generator=gen(seed))
+        assert res.method == "hutchinson" and res.matvecs == op.matvecs == 60
+        assert abs(res.estimate - torch.trace(flat)) <= 5 * res.standard_error
+    assert trace(CountingDense(dec), 8, generator=gen(0)).method == "hutchinson"
+
+
+def test_trace_counts_products_and_exact_for_full_sketch():
+    a, _ = with_spectrum(decaying(5))
+    op = CountingDense(a)
+    res = trace(op, 21, "hutchpp", generator=gen(0))  # the sketch spans everything
+    assert res.matvecs == op.matvecs <= 21
+    torch.testing.assert_close(res.estimate, torch.trace(a), rtol=1e-12, atol=1e-12)
+    assert res.standard_error <= 1e-12
+
+
+def test_trace_errors():
+    op = CountingDense(torch.eye(4, dtype=F64))
+    with pytest.raises(ValueError, match="method"):
+        trace(op, 10, "hutch")
+    with pytest.raises(ValueError, match="num_matvecs must be >= 2"):
+        trace(op, 1, "hutchinson")
+    with pytest.raises(ValueError, match="num_matvecs must be >= 4"):
+        trace(op, 3, "hutchpp")
+    with pytest.raises(TypeError, match="num_matvecs must be an int"):
+        trace(op, 10.0)
+    with pytest.raises(TypeError, match="real floating"):
+        trace(CountingDense(torch.eye(4, dtype=torch.int64)), 10)
+
+
+# --------------------------------------------------------------------------- diagonal
+
+
+def test_diagonal_unbiased_with_error_bars():
+    a, _ = with_spectrum(hessian_like(40), seed=5)
+    a = a + torch.diag(torch.linspace(-1, 1, 40, dtype=F64))
+    truth = a.diagonal()
+    runs = [diagonal(CountingDense(a), 50, generator=gen(s)) for s in range(200)]
+    est = torch.stack([r.estimate for r in runs])
+    se = torch.stack([r.standard_error for r in runs])
+    assert all(r.matvecs == 50 for r in runs)
+    z = (est.mean(0) - truth) / (est.std(0) / math.sqrt(len(runs)))
+    assert z.abs().max() <= 4.5
+    coverage = ((est - truth).abs() <= 1.96 * se).double().mean()
+    assert 0.9 <= coverage <= 0.98
+
+
+def test_diagonal_exact_for_diagonal_operator_and_pytree():
+    d = torch.linspace(-2, 3, 30, dtype=F64)
+    res = diagonal(PytreeDense(torch.diag(d), split=10), 2, generator=gen(0))
+    assert set(res.estimate) == {"w", "b"}
+    torch.testing.assert_close(res.estimate["w"], d[:10].reshape(2, 5), rtol=0, atol=1e-15)
+    torch.testing.assert_close(res.estimate["b"], d[10:], rtol=0, atol=1e-15)
+    assert res.standard_error["b"].abs().max() <= 1e-15
+    with pytest.raises(ValueError, match="num_matvecs"):
+        diagonal(CountingDense(torch.diag(d)), 1)
+
+
+# --------------------------------------------------------------------------- SLQ
+
+
+def _rademacher_sd(m):
+    """Standard deviation of v^T M v for a normalised Rademacher v: sqrt(2 sum_{i!=j} M_ij^2)/n."""
+    off = m - torch.diag(m.diagonal())
+    return math.sqrt(2 * off.square().sum()) / m.shape[0]
+
+
+def test_slq_moments_match_trace_powers():
+    n, probes = 150, 40
+    a, _ = with_spectrum(hessian_like(n), seed=8)
+    op = CountingDense(a)
+    nodes, weights = slq_quadrature(op, probes, 12, generator=gen(3))
+    assert nodes.shape == weights.shape == (probes, 12) and op.matvecs == probes * 12
+    torch.testing.assert_close(weights.sum(1), torch.ones(probes, dtype=F64))
+    power = a
+    for d in (1, 2, 3):
+        moment = (weights * nodes**d).sum(1).mean()
+        bound = 5 * _rademacher_sd(power) / math.sqrt(probes)
+        assert abs(moment - torch.trace(power) / n) <= bound
+        power = power @ a
+
+
+def test_spectral_density_integrates_to_one_with_matching_moments():
+    n = 150
+    a, _ = with_spectrum(hessian_like(n), seed=8)
+    grid, density = spectral_density(CountingDense(a), 40, 12, generator=gen(3))
+    nodes, weights = slq_quadrature(CountingDense(a), 40, 12, generator=gen(3))
+    assert grid.shape == density.shape == (1000,) and (density >= 0).all()
+    torch.testing.assert_close(torch.trapezoid(density, grid), torch.tensor(1.0, dtype=F64))
+    mean = torch.trapezoid(grid * density, grid)
+    second = torch.trapezoid(grid**2 * density, grid)
+    sigma = 0.01 * (nodes.max() - nodes.min())
+    torch.testing.assert_close(mean, (weights * nodes).sum(1).mean(), rtol=1e-8, atol=1e-10)
+    expected_second = (weights * nodes**2).sum(1).mean() + sigma**2
+    torch.testing.assert_close(second, expected_second, rtol=1e-8, atol=1e-10)
+    assert abs(mean - torch.trace(a) / n) <= 5 * _rademacher_sd(a) / math.sqrt(40)
+    a2 = a @ a
+    assert abs(second - sigma**2 - torch.trace(a2) / n) <= 5 * _rademacher_sd(a2) / math.sqrt(40)
+
+
+def test_spectral_density_custom_grid_sigma_and_breakdown():
+    lam = torch.tensor([-1.0, 0.0, 0.0, 2.0, 5.0, 5.0], dtype=F64)
+    a, _ = with_spectrum(lam)
+    # More steps than distinct eigenvalues: the Lanczos breakdown must not leak weight.
+    nodes, weights = slq_quadrature(CountingDense(a), 3, 9, generator=gen(0))
+    assert torch.isfinite(nodes).all() and torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(3, dtype=F64))
+    heavy = nodes[weights > 1e-10]
+    distance = (heavy[:, None] - lam.unique()[None]).abs().min(1).values
+    assert distance.max() <= 1e-8
+    grid = torch.linspace(-3, 7, 4001, dtype=F64)
+    g, density = spectral_density(CountingDense(a), 3, 9, grid, sigma=0.1, generator=gen(0))
+    assert g is not None and torch.equal(g, grid)
+    torch.testing.assert_close(torch.trapezoid(density, grid), torch.tensor(1.0, dtype=F64))
+    with pytest.raises(ValueError, match="sigma"):
+        spectral_density(CountingDense(a), 2, 3, sigma=0.0)
+    with pytest.raises(ValueError, match="num_steps"):
+        spectral_density(CountingDense(a), 2, 0)
