@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from torsion.curvature.probes import (
+from torsion.curvature._probes import (
     EigshResult,
     diagonal,
     eigsh,

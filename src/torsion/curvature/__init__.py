@@ -1,11 +1,51 @@
 """Curvature: the one Hessian-vector-product engine and the probes built on it.
 
-Planned here: ``hvp``/``jvp``/``vjp`` over parameter pytrees, ``LinearOperator`` with
-``HessianOperator``, ``GGNOperator`` and ``FisherOperator``, and the probes (Lanczos
-eigenvalues, Hutchinson / Hutch++ trace, SLQ spectral density, diagonal estimates,
-sharpness and edge-of-stability monitors). Riemannian curvature reaches manifolds
-only through the structural ``TangentSpace`` protocol, so this package never imports
-:mod:`torsion.manifolds`.
+* the engine: :func:`hvp`, :func:`jvp`, :func:`vjp` and :func:`ggn_vp` over parameter
+  pytrees, and :class:`GradientGraph` (one gradient graph reused by a probe loop);
+* operators: :class:`LinearOperator`, :class:`DenseOperator`, and the model operators
+  :class:`HessianOperator`, :class:`GGNOperator` and :class:`EmpiricalFisherOperator`
+  (batch-size-weighted over any iterable of batches; Riemannian with ``riemannian=True``);
+* probes, plain functions of any operator and a ``torch.Generator``: :func:`eigsh`
+  (thick-restart block Lanczos), :func:`trace` (Hutchinson, Hutch++, XTrace),
+  :func:`diagonal`, :func:`spectral_density` and :func:`slq_quadrature`.
+
+Riemannian curvature reaches manifolds only through the structural :class:`TangentSpace`
+protocol, so this package never imports :mod:`torsion.manifolds`.
 """
 
-__all__: list[str] = []
+from torsion.curvature._hvp import GradientGraph, HVPMethod, ggn_vp, hvp, jvp, vjp
+from torsion.curvature._linop import DenseOperator, LinearOperator, TangentSpace
+from torsion.curvature._operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from torsion.curvature._probes import (
+    DiagonalEstimate,
+    EigshResult,
+    TraceEstimate,
+    diagonal,
+    eigsh,
+    slq_quadrature,
+    spectral_density,
+    trace,
+)
+
+__all__ = [
+    "DenseOperator",
+    "DiagonalEstimate",
+    "EigshResult",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "GradientGraph",
+    "HVPMethod",
+    "HessianOperator",
+    "LinearOperator",
+    "TangentSpace",
+    "TraceEstimate",
+    "diagonal",
+    "eigsh",
+    "ggn_vp",
+    "hvp",
+    "jvp",
+    "slq_quadrature",
+    "spectral_density",
+    "trace",
+    "vjp",
+]

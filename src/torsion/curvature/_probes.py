@@ -504,6 +504,7 @@ def trace(
     """Stochastic estimate of ``tr(A)`` with a standard error, from ``num_matvecs`` products.
 
     Methods:
+
     - ``"hutchinson"``: mean of ``z^T A z`` over Rademacher ``z``; standard error from the
       sample variance (needs >= 2 products).
     - ``"hutchpp"``: Hutch++ with the budget split in thirds: sketch ``A S``, exact trace on

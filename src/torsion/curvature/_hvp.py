@@ -1,0 +1,334 @@
+"""The one Hessian-vector-product engine: ``hvp``, ``jvp``, ``vjp`` and ``ggn_vp``.
+
+Parameter pytrees are a ``dict`` of tensors, a ``tuple``/``list`` of tensors, or a single
+tensor. A *block* of ``k`` vectors is the same pytree with a leading ``k`` on every leaf.
+
+No method wins everywhere (TARGETS.md section 4; one gradient = 1.0 on a CPU MLP):
+
+=============================================  ======  =====================================
+method                                          cost    used by ``method="auto"`` for
+=============================================  ======  =====================================
+double backward, reusing the gradient graph     1.35x   :class:`GradientGraph` (probe loops)
+``"double_backward"`` (fresh graph)             2.4x    one vector on the CPU
+``"reverse_over_reverse"`` (``torch.func``)     2.7x    blocks on the CPU (vmapped)
+``"forward_over_reverse"`` (``torch.func``)     3.5x    everything on CUDA (frugal memory)
+=============================================  ======  =====================================
+
+All methods compute the same product and agree to float tolerance (tested in float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["GradientGraph", "HVPMethod", "ggn_vp", "hvp", "jvp", "vjp"]
+
+HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "reverse_over_reverse"]
+_METHODS = ("auto", "double_backward", "forward_over_reverse", "reverse_over_reverse")
+
+
+# ------------------------------------------------------------------------------ pytrees
+
+
+def _leaves(tree: Any, name: str) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """Leaves of a pytree and a function that rebuilds the same structure from new leaves."""
+    if isinstance(tree, Tensor):
+        return [tree], lambda leaves: leaves[0]
+    if isinstance(tree, Mapping):
+        keys = list(tree)
+        leaves = [tree[k] for k in keys]
+        rebuild: Callable[[list[Tensor]], Any] = lambda new: dict(zip(keys, new, strict=True))  # noqa: E731
+    elif isinstance(tree, (tuple, list)):
+        leaves = list(tree)
+        kind = type(tree) if type(tree) in (tuple, list) else tuple
+        rebuild = lambda new: kind(new)  # noqa: E731
+    else:
+        raise TypeError(
+            f"{name} must be a tensor, a dict or a tuple/list of tensors, got {type(tree)}"
+        )
+    if not leaves or not all(isinstance(leaf, Tensor) for leaf in leaves):
+        raise TypeError(f"{name} must hold at least one tensor and only tensors")
+    return leaves, rebuild
+
+
+def _structure(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return "tensor"
+    if isinstance(tree, Mapping):
+        return ("dict", tuple(sorted(tree)))
+    return ("seq", len(tree))
+
+
+def _check_like(params: Any, v: Any, block: bool, name: str = "v") -> int | None:
+    """Check that ``v`` has the structure of ``params`` (leaves with a leading ``k`` when
+    ``block``); return ``k`` or ``None``."""
+    p_leaves, _ = _leaves(params, "params")
+    v_leaves, _ = _leaves(v, name)
+    if _structure(params) != _structure(v):
+        raise ValueError(
+            f"{name} must have the structure of params: got {_structure(v)}, "
+            f"expected {_structure(params)}"
+        )
+    if isinstance(params, Mapping):
+        v_leaves = [v[k] for k in params]
+    k = v_leaves[0].shape[0] if (block and v_leaves[0].ndim > 0) else None
+    for p, x in zip(p_leaves, v_leaves, strict=True):
+        want = (k, *p.shape) if block else tuple(p.shape)
+        if tuple(x.shape) != want:
+            kind = "a block (leading k on every leaf) shaped like" if block else "shaped like"
+            raise ValueError(
+                f"{name} must be {kind} params: leaf of shape {tuple(x.shape)} "
+                f"against parameter of shape {tuple(p.shape)}"
+            )
+    return k
+
+
+def _align(params: Any, v: Any) -> Any:
+    """``v`` with the key order of ``params`` (torch.func compares dict key order)."""
+    if isinstance(params, Mapping) and isinstance(v, Mapping):
+        return {key: v[key] for key in params}
+    return v
+
+
+def _scalar(f: Callable[[Any], Tensor], what: str = "f") -> Callable[[Any], Tensor]:
+    """Wrap ``f`` so a non-scalar output raises a ``ValueError`` naming it (a shape check,
+    no host synchronisation; works under ``torch.func`` transforms)."""
+
+    def wrapped(params: Any) -> Tensor:
+        out = f(params)
+        if not isinstance(out, Tensor) or out.ndim != 0:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{what} must return a scalar (0-dim) tensor, got {got}")
+        return out
+
+    return wrapped
+
+
+def _fresh(leaves: list[Tensor]) -> list[Tensor]:
+    """Detached leaves that require grad: the caller's tensors are never touched."""
+    return [leaf.detach().requires_grad_(True) for leaf in leaves]
+
+
+def _grad_or_zeros(outputs: list[Tensor], inputs: list[Tensor], grad_outputs, **kw) -> list[Tensor]:
+    """``torch.autograd.grad`` that returns zeros for inputs an output does not depend on."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, **kw
+    )
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+class GradientGraph:
+    """The gradient of ``f`` at ``params``, kept with its graph for repeated products.
+
+    One forward and one backward with ``create_graph=True`` build the gradient; each
+    :meth:`hvp` is then one more backward through that graph (``retain_graph=True``),
+    about 1.35x a gradient on the CPU: the cheapest way to feed a probe loop (Lanczos,
+    Hutchinson) on one batch. The graph holds the activations of the batch, so memory
+    is that of one training step; build one per batch.
+
+    Args:
+        f: maps a parameter pytree to a scalar tensor.
+        params: the point; a dict, tuple/list of tensors, or a tensor (not modified;
+            ``.grad`` is never written).
+
+    Attributes:
+        value: ``f(params)``, detached.
+        gradient: the gradient as a pytree like ``params``, detached.
+
+    Shapes:
+        ``v``: a pytree like ``params``, or a block (leading ``k`` on every leaf).
+    """
+
+    def __init__(self, f: Callable[[Any], Tensor], params: Any):
+        leaves, rebuild = _leaves(params, "params")
+        self._params = params
+        self._rebuild = rebuild
+        self._inputs = _fresh(leaves)
+        with torch.enable_grad():
+            value = _scalar(f)(rebuild(self._inputs))
+            self._grads = _grad_or_zeros([value], self._inputs, [None], create_graph=True)
+        self.value = value.detach()
+        self.gradient = rebuild([g.detach() for g in self._grads])
+
+    def hvp(self, v: Any, *, block: bool = False) -> Any:
+        """Hessian-vector product with ``v`` (or with each vector of a block)."""
+        k = _check_like(self._params, v, block)
+        v_leaves, _ = _leaves(_align(self._params, v), "v")
+        if not block:
+            return self._rebuild(self._product(v_leaves))
+        columns = [self._product([x[i] for x in v_leaves]) for i in range(k)]
+        return self._rebuild([torch.stack(c) for c in zip(*columns, strict=True)])
+
+    def _product(self, v_leaves: list[Tensor]) -> list[Tensor]:
+        return _grad_or_zeros(self._grads, self._inputs, v_leaves, retain_graph=True)
+
+
+def _auto_method(params: Any, block: bool) -> str:
+    device = _leaves(params, "params")[0][0].device
+    if device.type == "cuda":
+        return "forward_over_reverse"
+    return "reverse_over_reverse" if block else "double_backward"
+
+
+def hvp(
+    f: Callable[[Any], Tensor],
+    params: Any,
+    v: Any,
+    *,
+    method: HVPMethod = "auto",
+    block: bool = False,
+) -> Any:
+    """Hessian-vector product ``(d^2 f / d params^2) v`` over parameter pytrees.
+
+    Args:
+        f: maps a parameter pytree to a scalar tensor. Must be functional for the
+            ``torch.func`` methods (no in-place updates of captured tensors).
+        params: the point: a dict, tuple/list of tensors, or a tensor (never modified).
+        v: a pytree like ``params``; with ``block=True``, a block of ``k`` vectors (every
+            leaf with a leading ``k``).
+        method: ``"auto"`` (default), ``"double_backward"``, ``"forward_over_reverse"``
+            or ``"reverse_over_reverse"``. ``"auto"``: on CUDA forward-over-reverse (least
+            memory), on the CPU double backward for one vector and vmapped
+            reverse-over-reverse for blocks (the measured fastest there). For repeated
+            products at one point use :class:`GradientGraph`, the cheapest of all.
+            When forward-over-reverse hits torch bug pytorch/pytorch#123996 (``F.mse_loss``
+            with ``reduction="mean"``), ``"auto"`` redoes the product by
+            reverse-over-reverse; an explicit ``"forward_over_reverse"`` raises.
+        block: treat ``v`` as a block of vectors; the torch.func methods vmap over it,
+            double backward builds the gradient graph once and reuses it.
+
+    Returns:
+        A pytree like ``v``.
+
+    Shapes:
+        ``params`` leaves ``s_i``; ``v`` and the result leaves ``s_i`` or ``(k, *s_i)``.
+
+    Raises:
+        ValueError: ``f`` is not scalar-valued, ``v`` does not match ``params``, or the
+            method is unknown.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0])
+        >>> hvp(lambda p: (p**3).sum(), x, torch.ones(2))  # diag(6 x) @ 1
+        tensor([ 6., 12.])
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {_METHODS}")
+    _check_like(params, v, block)
+    v = _align(params, v)
+    auto = method == "auto"
+    if auto:
+        method = _auto_method(params, block)
+    if method == "double_backward":
+        return GradientGraph(f, params).hvp(v, block=block)
+    if method == "forward_over_reverse":
+        try:
+            return _forward_over_reverse(f, params, v, block)
+        except RuntimeError as error:
+            if "ZeroTensors are immutable" not in str(error):
+                raise
+            if auto:  # same product, other exact method (see _ZERO_TENSOR_BUG)
+                return _reverse_over_reverse(f, params, v, block)
+            raise RuntimeError(_ZERO_TENSOR_BUG) from error
+    return _reverse_over_reverse(f, params, v, block)
+
+
+# torch bug pytorch/pytorch#123996 (open; fix proposed in #197723, still present in torch
+# 2.13-2.15): forward-over-reverse through ``F.mse_loss(..., reduction="mean")`` with
+# targets that carry no tangent fails with this error.
+_ZERO_TENSOR_BUG = (
+    "forward_over_reverse hit torch bug pytorch/pytorch#123996 ('ZeroTensors are "
+    "immutable', e.g. F.mse_loss with reduction='mean'); use method='reverse_over_reverse' "
+    "or 'double_backward' (same product), or write the loss as ((out - y) ** 2).mean()"
+)
+
+
+def _forward_over_reverse(f: Callable[[Any], Tensor], params: Any, v: Any, block: bool) -> Any:
+    grad_f = torch.func.grad(_scalar(f))
+
+    def one(u: Any) -> Any:
+        return torch.func.jvp(grad_f, (params,), (u,))[1]
+
+    return torch.func.vmap(one)(v) if block else one(v)
+
+
+def _reverse_over_reverse(f: Callable[[Any], Tensor], params: Any, v: Any, block: bool) -> Any:
+    _, pullback = torch.func.vjp(torch.func.grad(_scalar(f)), params)
+
+    def one_rr(u: Any) -> Any:
+        return pullback(u)[0]
+
+    return torch.func.vmap(one_rr)(v) if block else one_rr(v)
+
+
+def jvp(f: Callable[[Any], Any], params: Any, v: Any) -> tuple[Any, Any]:
+    """Jacobian-vector product: ``(f(params), J v)`` by forward mode.
+
+    Shapes:
+        ``v`` like ``params``; ``J v`` like ``f(params)``.
+    """
+    _check_like(params, v, block=False)
+    v = _align(params, v)
+    return torch.func.jvp(f, (params,), (v,))
+
+
+def vjp(f: Callable[[Any], Any], params: Any, u: Any) -> tuple[Any, Any]:
+    """Vector-Jacobian product: ``(f(params), J^T u)`` by reverse mode.
+
+    Shapes:
+        ``u`` like ``f(params)``; ``J^T u`` like ``params``.
+    """
+    out, pullback = torch.func.vjp(f, params)
+    _check_like(out, u, block=False, name="u")
+    u = _align(out, u)
+    return out, pullback(u)[0]
+
+
+def ggn_vp(
+    model_fn: Callable[[Any], Any],
+    loss_fn: Callable[[Any], Tensor],
+    params: Any,
+    v: Any,
+    *,
+    block: bool = False,
+) -> Any:
+    """Generalized Gauss-Newton product ``J^T H_loss J v``.
+
+    ``J`` is the Jacobian of ``model_fn`` (params -> outputs) at ``params``, ``H_loss`` the
+    Hessian of ``loss_fn`` (outputs -> scalar) at the outputs. ``J v`` is forward mode,
+    ``H_loss`` reverse-over-reverse on the outputs and ``J^T`` one pullback; the two
+    linearisations are built once and vmapped over a block.
+
+    Args:
+        model_fn: parameter pytree -> outputs (a tensor or pytree).
+        loss_fn: outputs -> scalar tensor (targets closed over).
+        params: the point (never modified).
+        v: a pytree like ``params``, or a block with ``block=True``.
+        block: treat ``v`` as a block of vectors (leading ``k`` on every leaf).
+
+    Shapes:
+        ``v`` and the result like ``params`` (with a leading ``k`` for a block).
+
+    Raises:
+        ValueError: ``loss_fn`` is not scalar-valued or ``v`` does not match ``params``.
+    """
+    _check_like(params, v, block)
+    v = _align(params, v)
+    outputs, pullback = torch.func.vjp(model_fn, params)
+    _, loss_pullback = torch.func.vjp(torch.func.grad(_scalar(loss_fn, "loss_fn")), outputs)
+
+    def one(u: Any) -> Any:
+        _, ju = torch.func.jvp(model_fn, (params,), (u,))
+        return pullback(loss_pullback(ju)[0])[0]
+
+    return torch.func.vmap(one)(v) if block else one(v)

@@ -1,0 +1,368 @@
+"""Curvature operators of a model, a loss and data: Hessian, GGN and empirical Fisher.
+
+All three act on the flat vector of the selected parameters (or on pytrees keyed by
+parameter name) and share these rules:
+
+* **Data.** ``data`` is one ``(inputs, targets)`` batch or an iterable of such batches
+  (materialised into a list at construction). ``loss_fn(outputs, targets)`` returns the
+  *mean* loss of a batch, so the full-data loss is ``sum_b (n_b / N) L_b`` with ``n_b``
+  the batch size (``len(targets)``) and ``N = sum_b n_b``. Products are weighted the same
+  way, so they do not depend on how the data is split (for per-sample losses).
+  ``inputs`` is a tensor or a tuple of tensors (positional arguments of the model).
+* **Mode.** The model is evaluated with *eval* semantics: BatchNorm uses its running
+  statistics and dropout is off. This makes the operator deterministic, symmetric and
+  separable over samples (hence split-invariant). It is done by setting each submodule's
+  ``training`` flag to ``False`` for the duration of a product and restoring every flag
+  afterwards (not thread-safe with concurrent use of the same model); the caller's mode
+  is unchanged after every call.
+* **Purity.** Products go through :func:`torch.func.functional_call` with detached
+  parameters and buffers: parameters, buffers and ``.grad`` are never written.
+  Parameter values are read at product time (detached tensors share storage), except
+  where a graph is cached (single-batch :class:`HessianOperator`): build a new operator
+  after changing the parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from torsion.curvature._hvp import GradientGraph, ggn_vp, hvp
+from torsion.curvature._linop import LinearOperator, TangentSpace
+
+__all__ = ["EmpiricalFisherOperator", "GGNOperator", "HessianOperator"]
+
+OperatorMethod = Literal[
+    "auto", "graph_reuse", "double_backward", "forward_over_reverse", "reverse_over_reverse"
+]
+_OPERATOR_METHODS = (
+    "auto",
+    "graph_reuse",
+    "double_backward",
+    "forward_over_reverse",
+    "reverse_over_reverse",
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _eval_semantics(model: nn.Module) -> Iterator[None]:
+    """Eval semantics for the duration of the block; every module's flag is restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[float]]:
+    """Batches and their weights ``n_b / N``."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
+        batches = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, Tensor):
+        batches = list(data)
+    else:
+        raise TypeError(
+            f"data must be an (inputs, targets) batch or an iterable of batches, got {type(data)}"
+        )
+    if not batches:
+        raise ValueError("data is empty: need at least one (inputs, targets) batch")
+    sizes = []
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"batch {i} must be an (inputs, targets) pair, got {type(batch)}")
+        targets = batch[1]
+        if not isinstance(targets, Tensor) or targets.ndim == 0 or targets.shape[0] == 0:
+            raise ValueError(f"batch {i}: targets must be a tensor with a non-empty batch dim")
+        sizes.append(targets.shape[0])
+    total = sum(sizes)
+    return [tuple(b) for b in batches], [s / total for s in sizes]
+
+
+def _select_params(model: nn.Module, params: Any) -> dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {n: p for n, p in named.items() if p.requires_grad}
+    else:
+        if isinstance(params, (str, Tensor)):
+            params = [params]
+        selected = {}
+        by_id = {id(p): n for n, p in named.items()}
+        for item in params:
+            if isinstance(item, str):
+                if item not in named:
+                    raise ValueError(f"parameter {item!r} is not a parameter of the model")
+                selected[item] = named[item]
+            elif isinstance(item, Tensor):
+                if id(item) not in by_id:
+                    raise ValueError(
+                        f"a tensor of shape {tuple(item.shape)} in params is not a parameter "
+                        "of the model"
+                    )
+                selected[by_id[id(item)]] = item
+            else:
+                raise TypeError(f"params must hold names or tensors, got {type(item)}")
+    if not selected:
+        raise ValueError("no parameters selected (none requires grad?)")
+    dtypes = {(p.dtype, p.device) for p in selected.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"selected parameters must share one dtype and device, got {dtypes}")
+    return selected
+
+
+def _call_args(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+class _ModelOperator(LinearOperator):
+    """Shared state of the model operators: model, loss, batches, selected parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params: Any):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model)}")
+        selected = _select_params(model, params)
+        self._model = model
+        self._loss_fn = loss_fn
+        self._batches, self._weights = _as_batches(data)
+        self._params = {n: p.detach().as_subclass(Tensor) for n, p in selected.items()}
+        self._manifolds = {n: getattr(p, "manifold", None) for n, p in selected.items()}
+        first = next(iter(self._params.values()))
+        n = sum(p.numel() for p in self._params.values())
+        super().__init__(
+            (n, n),
+            first.dtype,
+            first.device,
+            param_shapes={k: p.shape for k, p in self._params.items()},
+            symmetric=True,
+        )
+
+    def _frozen(self) -> dict[str, Tensor]:
+        """Detached unselected parameters and all buffers, read now."""
+        frozen = {
+            n: p.detach()
+            for n, p in self._model.named_parameters(remove_duplicate=False)
+            if n not in self._params
+        }
+        frozen.update({n: b.detach() for n, b in self._model.named_buffers()})
+        return frozen
+
+    def _outputs_fn(self, inputs: Any) -> Callable[[dict[str, Tensor]], Any]:
+        frozen, args = self._frozen(), _call_args(inputs)
+
+        def outputs(params: dict[str, Tensor]) -> Any:
+            return torch.func.functional_call(self._model, {**frozen, **params}, args)
+
+        return outputs
+
+    def _loss_of_outputs(self, targets: Tensor) -> Callable[[Any], Tensor]:
+        def loss(outputs: Any) -> Tensor:
+            value = self._loss_fn(outputs, targets)
+            if not isinstance(value, Tensor) or value.ndim != 0:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"loss_fn must return a scalar (0-dim) tensor, got {got}")
+            return value
+
+        return loss
+
+    def _loss_fn_of_params(self, batch: tuple[Any, Tensor]) -> Callable[[dict], Tensor]:
+        outputs, loss = self._outputs_fn(batch[0]), self._loss_of_outputs(batch[1])
+        return lambda params: loss(outputs(params))
+
+
+# ----------------------------------------------------------------------------- operators
+
+
+class HessianOperator(_ModelOperator):
+    """Hessian of the full-data loss with respect to the selected parameters.
+
+    Args:
+        model: the network (never modified; see the module notes on eval semantics).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean loss of a batch.
+        data: one ``(inputs, targets)`` batch or an iterable of batches.
+        params: ``None`` (all parameters with ``requires_grad``), or a list of parameter
+            names or of parameter tensors of ``model``.
+        riemannian: for selected parameters with a ``manifold`` attribute (e.g.
+            ``geoopt.ManifoldParameter``) satisfying
+            :class:`~torsion.curvature._linop.TangentSpace`, give the Riemannian Hessian
+            ``ehess2rhess(x, egrad, H u, u)`` with ``u = proju(x, v)`` (``H`` the joint
+            Euclidean Hessian, ``egrad`` the full-data gradient); Euclidean parameters get
+            ``(H u)`` unchanged. The result is tangent; with an embedded metric the
+            operator is symmetric on the tangent space.
+        method: ``"auto"`` (default): one batch -> ``"graph_reuse"`` (the gradient graph is
+            built once, at the first product, and every product is one more backward,
+            ~1.35x a gradient); several batches -> :func:`~torsion.curvature._hvp.hvp`'s
+            automatic choice per batch (memory bounded: no graph is kept). Any
+            :func:`~torsion.curvature._hvp.hvp` method can be forced; ``"graph_reuse"``
+            needs a single batch.
+
+    Shapes:
+        ``(n, n)`` with ``n`` the number of selected parameter entries; pytrees are dicts
+        keyed by parameter name.
+
+    Raises:
+        ValueError: empty data, parameters not in the model, non-scalar loss (at the first
+            product), unknown method.
+        TypeError: ``riemannian=True`` and a parameter's manifold lacks ``proju`` or
+            ``ehess2rhess``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        data: Any,
+        params: Any = None,
+        *,
+        riemannian: bool = False,
+        method: OperatorMethod = "auto",
+    ):
+        super().__init__(model, loss_fn, data, params)
+        if method not in _OPERATOR_METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {_OPERATOR_METHODS}")
+        if method == "auto" and len(self._batches) == 1:
+            method = "graph_reuse"
+        if method == "graph_reuse" and len(self._batches) > 1:
+            raise ValueError(
+                f"method='graph_reuse' keeps one batch's gradient graph; data has "
+                f"{len(self._batches)} batches (use 'auto' or another method)"
+            )
+        self.method = method
+        self.riemannian = riemannian
+        self._tangent: dict[str, TangentSpace] = {}
+        if riemannian:
+            for name, manifold in self._manifolds.items():
+                if manifold is None:
+                    continue
+                if not isinstance(manifold, TangentSpace):
+                    raise TypeError(
+                        f"parameter {name!r} has manifold {type(manifold).__name__}, which lacks "
+                        "proju/ehess2rhess (the TangentSpace protocol)"
+                    )
+                self._tangent[name] = manifold
+        self._graph: GradientGraph | None = None
+        self._egrad: dict[str, Tensor] | None = None
+
+    def _euclidean(self, tree: dict[str, Tensor]) -> dict[str, Tensor]:
+        with _eval_semantics(self._model):
+            if self.method == "graph_reuse":
+                if self._graph is None:
+                    f = self._loss_fn_of_params(self._batches[0])
+                    self._graph = GradientGraph(f, self._params)
+                return self._graph.hvp(tree, block=True)
+            total: dict[str, Tensor] = {}
+            for batch, w in zip(self._batches, self._weights, strict=True):
+                f = self._loss_fn_of_params(batch)
+                out = hvp(f, self._params, tree, method=self.method, block=True)
+                total = {k: total.get(k, 0) + w * x for k, x in out.items()}
+            return total
+
+    def _gradient(self) -> dict[str, Tensor]:
+        if self._graph is not None:
+            return self._graph.gradient
+        if self._egrad is None:
+            grad: dict[str, Tensor] = {}
+            with _eval_semantics(self._model):
+                for batch, w in zip(self._batches, self._weights, strict=True):
+                    g = torch.func.grad(self._loss_fn_of_params(batch))(self._params)
+                    grad = {k: grad.get(k, 0) + w * x for k, x in g.items()}
+            self._egrad = grad
+        return self._egrad
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        tree = self.unflatten(V)
+        if not self._tangent:
+            return self.flatten(self._euclidean(tree))
+        for name, manifold in self._tangent.items():
+            x = self._params[name]
+            tree[name] = torch.stack([manifold.proju(x, u) for u in tree[name]])
+        ehess = self._euclidean(tree)
+        egrad = self._gradient()
+        for name, manifold in self._tangent.items():
+            x, g = self._params[name], egrad[name]
+            ehess[name] = torch.stack(
+                [
+                    manifold.ehess2rhess(x, g, h, u)
+                    for h, u in zip(ehess[name], tree[name], strict=True)
+                ]
+            )
+        return self.flatten(ehess)
+
+
+class GGNOperator(_ModelOperator):
+    """Generalized Gauss-Newton matrix ``sum_b (n_b/N) J_b^T H_loss,b J_b`` of the data.
+
+    ``J_b`` is the Jacobian of the model outputs on batch ``b`` with respect to the
+    selected parameters, ``H_loss,b`` the Hessian of ``loss_fn(., targets_b)`` at the
+    outputs (see :func:`~torsion.curvature._hvp.ggn_vp`). Positive semi-definite for
+    convex losses (MSE, cross-entropy). Arguments as in :class:`HessianOperator`.
+
+    Shapes:
+        ``(n, n)``; pytrees keyed by parameter name.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params: Any = None):
+        super().__init__(model, loss_fn, data, params)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        tree = self.unflatten(V)
+        total = torch.zeros_like(V)
+        with _eval_semantics(self._model):
+            for (inputs, targets), w in zip(self._batches, self._weights, strict=True):
+                out = ggn_vp(
+                    self._outputs_fn(inputs),
+                    self._loss_of_outputs(targets),
+                    self._params,
+                    tree,
+                    block=True,
+                )
+                total = total + w * self.flatten(out)
+        return total
+
+
+class EmpiricalFisherOperator(_ModelOperator):
+    """Empirical Fisher ``F = (1/N) sum_i g_i g_i^T`` over all ``N`` samples.
+
+    ``g_i`` is the gradient of the per-sample loss ``l_i = loss_fn(model(x_i), y_i)``,
+    evaluated on a batch of one sample, so that for a mean-reduced loss the full-data loss
+    is ``(1/N) sum_i l_i`` (curvlinops' convention for ``reduction="mean"``). Per-sample
+    gradients come from ``vmap(grad)`` one batch at a time: memory ``n_b * n`` per batch.
+    Arguments as in :class:`HessianOperator`; ``inputs`` and ``targets`` must have the
+    sample dimension first.
+
+    Shapes:
+        ``(n, n)``; pytrees keyed by parameter name.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params: Any = None):
+        super().__init__(model, loss_fn, data, params)
+        self._total = sum(b[1].shape[0] for b in self._batches)
+
+    def _per_sample_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
+        frozen, args = self._frozen(), _call_args(inputs)
+
+        def sample_loss(params: dict[str, Tensor], x: Sequence[Tensor], y: Tensor) -> Tensor:
+            state = {**frozen, **params}
+            out = torch.func.functional_call(self._model, state, tuple(a.unsqueeze(0) for a in x))
+            return self._loss_of_outputs(y.unsqueeze(0))(out)
+
+        grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(
+            self._params, args, targets
+        )
+        return self.flatten(grads)  # (n, n_b)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        total = torch.zeros_like(V)
+        with _eval_semantics(self._model):
+            for inputs, targets in self._batches:
+                G = self._per_sample_gradients(inputs, targets)
+                total = total + G @ (G.mT @ V)
+        return total / self._total

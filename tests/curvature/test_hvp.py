@@ -1,0 +1,203 @@
+import importlib
+
+import pytest
+import torch
+
+from torsion.curvature._hvp import GradientGraph, ggn_vp, hvp, jvp, vjp
+from torsion.curvature._linop import DenseOperator
+
+METHODS = ["double_backward", "forward_over_reverse", "reverse_over_reverse", "auto"]
+SHAPES = {"w1": (5, 3), "b1": (5,), "w2": (2, 5), "b2": (2,)}
+N = sum(torch.Size(s).numel() for s in SHAPES.values())
+# flatten / unflatten helpers for the dense oracles
+LAYOUT = DenseOperator(torch.zeros(N, N, dtype=torch.float64), param_shapes=SHAPES)
+
+
+@pytest.fixture
+def problem(generator):
+    kw = {"dtype": torch.float64, "generator": generator}
+    params = {k: torch.randn(*s, **kw) for k, s in SHAPES.items()}
+    x, y = torch.randn(7, 3, **kw), torch.randn(7, 2, **kw)
+
+    def model(p):
+        return torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+
+    def loss_of_outputs(out):
+        return ((out - y) ** 2).mean() + (out**3).mean() / 10
+
+    def f(p):
+        return loss_of_outputs(model(p))
+
+    dense_h = torch.func.hessian(lambda t: f(LAYOUT.unflatten(t)))(LAYOUT.flatten(params))
+    return params, model, loss_of_outputs, f, dense_h
+
+
+def _random_tree(generator, k=None):
+    lead = () if k is None else (k,)
+    return {
+        k_: torch.randn(*lead, *s, dtype=torch.float64, generator=generator)
+        for k_, s in SHAPES.items()
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hvp_matches_dense_hessian(problem, generator, method):
+    params, _, _, f, dense_h = problem
+    v = _random_tree(generator)
+    out = hvp(f, params, v, method=method)
+    assert set(out) == set(SHAPES) and all(out[k].shape == SHAPES[k] for k in SHAPES)
+    torch.testing.assert_close(LAYOUT.flatten(out), dense_h @ LAYOUT.flatten(v), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_block_matches_single_vectors(problem, generator, method):
+    params, _, _, f, dense_h = problem
+    V = _random_tree(generator, k=4)
+    out = hvp(f, params, V, method=method, block=True)
+    assert out["w1"].shape == (4, 5, 3)
+    torch.testing.assert_close(LAYOUT.flatten(out), dense_h @ LAYOUT.flatten(V), atol=1e-10, rtol=0)
+    single = hvp(f, params, {k: x[2] for k, x in V.items()}, method=method)
+    torch.testing.assert_close(
+        LAYOUT.flatten(single), LAYOUT.flatten(out)[:, 2], atol=1e-12, rtol=0
+    )
+
+
+def test_gradient_graph_reuse(problem, generator):
+    params, _, _, f, dense_h = problem
+    before = {k: x.clone() for k, x in params.items()}
+    graph = GradientGraph(f, params)
+    torch.testing.assert_close(graph.value, f(params))
+    expected_grad = torch.func.grad(f)(params)
+    for k in SHAPES:
+        torch.testing.assert_close(graph.gradient[k], expected_grad[k])
+    for _ in range(3):  # repeated products on the same graph
+        v = _random_tree(generator)
+        torch.testing.assert_close(
+            LAYOUT.flatten(graph.hvp(v)), dense_h @ LAYOUT.flatten(v), atol=1e-10, rtol=0
+        )
+    V = _random_tree(generator, k=3)
+    torch.testing.assert_close(
+        LAYOUT.flatten(graph.hvp(V, block=True)), dense_h @ LAYOUT.flatten(V), atol=1e-10, rtol=0
+    )
+    for k in SHAPES:  # the caller's tensors are untouched
+        assert torch.equal(params[k], before[k]) and params[k].grad is None
+
+
+def test_tuple_params_and_key_order(problem, generator):
+    params, _, _, f, dense_h = problem
+    v = _random_tree(generator)
+    reordered = dict(reversed(list(v.items())))
+    for method in METHODS:
+        out = hvp(f, params, reordered, method=method)
+        torch.testing.assert_close(
+            LAYOUT.flatten(out), dense_h @ LAYOUT.flatten(v), atol=1e-10, rtol=0
+        )
+    keys = list(SHAPES)
+
+    def g(t):
+        return f(dict(zip(keys, t, strict=True)))
+
+    tup = tuple(params[k] for k in keys)
+    vt = [v[k] for k in keys]
+    for method in METHODS:
+        out = hvp(g, tup, tuple(vt), method=method)
+        assert isinstance(out, tuple)
+        flat = torch.cat([o.reshape(-1) for o in out])
+        torch.testing.assert_close(flat, dense_h @ LAYOUT.flatten(v), atol=1e-10, rtol=0)
+
+
+def test_parameter_f_does_not_depend_on(generator):
+    p = {
+        "a": torch.randn(3, dtype=torch.float64, generator=generator),
+        "b": torch.ones(2, dtype=torch.float64),
+    }
+    v = {"a": torch.ones(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
+    for method in METHODS:
+        out = hvp(lambda q: (q["a"] ** 3).sum(), p, v, method=method)
+        torch.testing.assert_close(out["a"], 6 * p["a"])
+        torch.testing.assert_close(out["b"], torch.zeros(2, dtype=torch.float64))
+    # a linear f: the gradient carries no graph at all
+    out = hvp(lambda q: q["a"].sum() + q["b"].sum(), p, v, method="double_backward")
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in out.values())
+
+
+def test_jvp_vjp(problem, generator):
+    params, model, _, _, _ = problem
+    jac = torch.func.jacrev(lambda t: model(LAYOUT.unflatten(t)))(
+        LAYOUT.flatten(params)
+    )  # (7, 2, N)
+    v = _random_tree(generator)
+    out, jv = jvp(model, params, v)
+    torch.testing.assert_close(out, model(params))
+    torch.testing.assert_close(jv, jac @ LAYOUT.flatten(v), atol=1e-12, rtol=0)
+    u = torch.randn(7, 2, dtype=torch.float64, generator=generator)
+    _, jtu = vjp(model, params, u)
+    torch.testing.assert_close(
+        LAYOUT.flatten(jtu), jac.reshape(14, N).T @ u.reshape(-1), atol=1e-12, rtol=0
+    )
+
+
+def test_ggn_matches_dense(problem, generator):
+    params, model, loss_of_outputs, _, _ = problem
+    theta = LAYOUT.flatten(params)
+    jac = torch.func.jacrev(lambda t: model(LAYOUT.unflatten(t)))(theta).reshape(14, N)
+    out0 = model(params)
+    h_loss = torch.func.hessian(lambda o: loss_of_outputs(o.reshape(7, 2)))(out0.reshape(-1))
+    dense = jac.T @ h_loss @ jac
+    v = _random_tree(generator)
+    out = ggn_vp(model, loss_of_outputs, params, v)
+    torch.testing.assert_close(LAYOUT.flatten(out), dense @ LAYOUT.flatten(v), atol=1e-10, rtol=0)
+    V = _random_tree(generator, k=3)
+    out = ggn_vp(model, loss_of_outputs, params, V, block=True)
+    torch.testing.assert_close(LAYOUT.flatten(out), dense @ LAYOUT.flatten(V), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_scalar_f_raises(problem, generator, method):
+    params, model, _, _, _ = problem
+    with pytest.raises(ValueError, match="scalar"):
+        hvp(model, params, _random_tree(generator), method=method)
+    with pytest.raises(ValueError, match="scalar"):
+        GradientGraph(model, params)
+
+
+def test_ggn_non_scalar_loss_raises(problem, generator):
+    params, model, _, _, _ = problem
+    with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+        ggn_vp(model, lambda out: out, params, _random_tree(generator))
+
+
+def test_structure_mismatch_raises(problem, generator):
+    params, _, _, f, _ = problem
+    v = _random_tree(generator)
+    with pytest.raises(ValueError, match="structure"):
+        hvp(f, params, {k: v[k] for k in ["w1", "b1", "w2"]})
+    with pytest.raises(ValueError, match="structure"):
+        hvp(f, params, tuple(v.values()))
+    with pytest.raises(ValueError, match="shaped like"):
+        hvp(f, params, {**v, "w1": torch.zeros(3, 5, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="block"):
+        hvp(f, params, v, block=True)
+    with pytest.raises(ValueError, match="unknown method"):
+        hvp(f, params, v, method="finite_differences")
+
+
+def test_forward_over_reverse_torch_bug(generator, monkeypatch):
+    """pytorch#123996: F.mse_loss under jvp(grad) fails; explicit -> named error, auto -> exact
+    reverse-over-reverse."""
+    w = torch.randn(3, 2, dtype=torch.float64, generator=generator)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+    def f(p):
+        return torch.nn.functional.mse_loss(x @ p, y)
+
+    v = torch.randn(3, 2, dtype=torch.float64, generator=generator)
+    expected = hvp(f, w, v, method="double_backward")
+    try:
+        hvp(f, w, v, method="forward_over_reverse")
+    except RuntimeError as error:
+        assert "123996" in str(error)
+    # the package re-exports the function hvp, which shadows the submodule attribute
+    hvp_module = importlib.import_module("torsion.curvature._hvp")
+    monkeypatch.setattr(hvp_module, "_auto_method", lambda params, block: "forward_over_reverse")
+    torch.testing.assert_close(hvp(f, w, v), expected, atol=1e-12, rtol=0)

@@ -1,0 +1,372 @@
+import copy
+import itertools
+
+import geoopt
+import pytest
+import torch
+from torch import nn
+
+from torsion.curvature._linop import DenseOperator
+from torsion.curvature._operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from torsion.manifolds import Stiefel
+
+F64 = torch.float64
+
+
+def _mse(out, y):
+    return nn.functional.mse_loss(out, y)
+
+
+def _sq(out, y):  # mse without F.mse_loss: forward-over-reverse works (pytorch#123996)
+    return ((out - y) ** 2).mean()
+
+
+def _ce(out, y):
+    return nn.functional.cross_entropy(out, y)
+
+
+def _mlp_mse(generator):
+    torch.manual_seed(0)  # module init only; data comes from the explicit generator
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 2)).to(F64)
+    x, y = (
+        torch.randn(10, 3, dtype=F64, generator=generator),
+        torch.randn(10, 2, dtype=F64, generator=generator),
+    )
+    return model, _mse, x, y
+
+
+def _mlp_ce(generator):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    x = torch.randn(10, 3, dtype=F64, generator=generator)
+    y = torch.randint(0, 3, (10,), generator=generator)
+    return model, _ce, x, y
+
+
+def _cnn_bn(generator):
+    torch.manual_seed(2)
+    bn = nn.BatchNorm2d(2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), bn, nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)
+    ).to(F64)
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        bn.running_mean.copy_(torch.randn(2, dtype=F64, generator=generator))
+        bn.running_var.copy_(torch.rand(2, dtype=F64, generator=generator) + 0.5)
+        bn.weight.copy_(torch.randn(2, dtype=F64, generator=generator))
+    x = torch.randn(10, 1, 5, 5, dtype=F64, generator=generator)
+    y = torch.randn(10, 2, dtype=F64, generator=generator)
+    return model, _mse, x, y
+
+
+PROBLEMS = {"mlp_mse": _mlp_mse, "mlp_ce": _mlp_ce, "cnn_bn": _cnn_bn}
+SPLITS = [(0, 10), (0, 2, 7, 10)]  # one batch; three unequal batches
+
+
+def _batches(x, y, cuts):
+    if len(cuts) == 2:
+        return (x, y)
+    return [(x[a:b], y[a:b]) for a, b in itertools.pairwise(cuts)]
+
+
+def _flat_fn(model, layout):
+    """theta -> model outputs on x, evaluated in eval mode on a copy (the oracle)."""
+    ref = copy.deepcopy(model).eval()
+
+    def outputs(theta, x):
+        return torch.func.functional_call(ref, layout.unflatten(theta), (x,))
+
+    return outputs
+
+
+def _layout(model):
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    n = sum(p.numel() for p in model.parameters())
+    return DenseOperator(torch.zeros(n, n, dtype=F64), param_shapes=shapes)
+
+
+def _theta(model, layout):
+    return layout.flatten({n: p.detach() for n, p in model.named_parameters()})
+
+
+def _dense_hessian(model, loss_fn, x, y):
+    layout = _layout(model)
+    outputs = _flat_fn(model, layout)
+    return torch.func.hessian(lambda t: loss_fn(outputs(t, x), y))(_theta(model, layout))
+
+
+def _dense_ggn(model, loss_fn, x, y):
+    layout = _layout(model)
+    outputs = _flat_fn(model, layout)
+    theta = _theta(model, layout)
+    out = outputs(theta, x)
+    jac = torch.func.jacrev(lambda t: outputs(t, x))(theta).reshape(out.numel(), -1)
+    h = torch.func.hessian(lambda o: loss_fn(o.reshape(out.shape), y))(out.reshape(-1))
+    return jac.T @ h @ jac
+
+
+def _dense_fisher(model, loss_fn, x, y):
+    layout = _layout(model)
+    outputs = _flat_fn(model, layout)
+    theta = _theta(model, layout)
+    grads = [
+        torch.func.grad(lambda t, i=i: loss_fn(outputs(t, x[i : i + 1]), y[i : i + 1]))(theta)
+        for i in range(len(y))
+    ]
+    g = torch.stack(grads)
+    return g.T @ g / len(y)
+
+
+ORACLES = {
+    HessianOperator: _dense_hessian,
+    GGNOperator: _dense_ggn,
+    EmpiricalFisherOperator: _dense_fisher,
+}
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("cls", list(ORACLES), ids=lambda c: c.__name__)
+def test_matches_dense_oracle_for_any_split(problem, cls, generator):
+    model, loss_fn, x, y = PROBLEMS[problem](generator)
+    model.train()  # the operator must use eval semantics anyway and leave this alone
+    dense = ORACLES[cls](model, loss_fn, x, y)
+    results = []
+    for cuts in SPLITS:
+        op = cls(model, loss_fn, _batches(x, y, cuts))
+        assert op.shape == dense.shape and op.dtype == F64
+        results.append(op.to_dense())
+        torch.testing.assert_close(results[-1], dense, atol=1e-10, rtol=0)
+    torch.testing.assert_close(results[0], results[1], atol=1e-12, rtol=0)
+    torch.testing.assert_close(results[0], results[0].mT, atol=1e-12, rtol=0)
+    torch.testing.assert_close(op.to_dense(), results[1], atol=0, rtol=0)  # deterministic
+    assert model.training and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "method", ["graph_reuse", "double_backward", "forward_over_reverse", "reverse_over_reverse"]
+)
+def test_hessian_methods_agree(method, generator):
+    model, _, x, y = _cnn_bn(generator)
+    loss_fn = _sq
+    dense = _dense_hessian(model, loss_fn, x, y)
+    for data in [(x, y), _batches(x, y, SPLITS[1])]:
+        if method == "graph_reuse" and isinstance(data, list):
+            with pytest.raises(ValueError, match="3 batches"):
+                HessianOperator(model, loss_fn, data, method=method)
+            continue
+        op = HessianOperator(model, loss_fn, data, method=method)
+        V = torch.randn(op.shape[0], 3, dtype=F64, generator=generator)
+        torch.testing.assert_close(op @ V, dense @ V, atol=1e-10, rtol=0)
+
+
+def test_forward_over_reverse_torch_bug_is_named(generator):
+    model, loss_fn, x, y = _mlp_mse(generator)  # F.mse_loss
+    op = HessianOperator(model, loss_fn, [(x, y)], method="forward_over_reverse")
+    with pytest.raises(RuntimeError, match="123996"):
+        op @ torch.ones(op.shape[0], dtype=F64)
+
+
+def test_auto_method_choice(generator):
+    model, loss_fn, x, y = _mlp_mse(generator)
+    assert HessianOperator(model, loss_fn, (x, y)).method == "graph_reuse"
+    assert HessianOperator(model, loss_fn, [(x, y), (x, y)]).method == "auto"
+
+
+def test_model_state_is_untouched(generator):
+    model, loss_fn, x, y = _cnn_bn(generator)
+    model.train()
+    model[1].eval()  # mixed flags must come back exactly
+    flags = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _batches(x, y, SPLITS[1])
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=F64, generator=generator)
+    for op in [
+        HessianOperator(model, loss_fn, (x, y)),
+        HessianOperator(model, loss_fn, data),
+        HessianOperator(model, loss_fn, data, method="double_backward"),
+        GGNOperator(model, loss_fn, data),
+        EmpiricalFisherOperator(model, loss_fn, data),
+    ]:
+        first = op @ V
+        # a second operator on the same model gives the same products (no stale .grad)
+        torch.testing.assert_close(type(op)(model, loss_fn, data) @ V, first, atol=1e-12, rtol=0)
+    assert [m.training for m in model.modules()] == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_parameter_subset_and_pytrees(generator):
+    model, loss_fn, x, y = _mlp_mse(generator)
+    full = _dense_hessian(model, loss_fn, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    # the block of the full Hessian for parameters "3.weight", "0.bias"
+    offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist(), strict=False))
+    idx = torch.cat(
+        [
+            torch.arange(offsets[n], offsets[n] + model.get_parameter(n).numel())
+            for n in ["3.weight", "0.bias"]
+        ]
+    )
+    expected = full[idx][:, idx]
+    by_name = HessianOperator(model, loss_fn, (x, y), params=["3.weight", "0.bias"])
+    by_tensor = HessianOperator(model, loss_fn, (x, y), params=[model[3].weight, model[0].bias])
+    for op in (by_name, by_tensor):
+        torch.testing.assert_close(op.to_dense(), expected, atol=1e-10, rtol=0)
+    v = {
+        "3.weight": torch.randn(2, 5, dtype=F64, generator=generator),
+        "0.bias": torch.randn(5, dtype=F64, generator=generator),
+    }
+    out = by_name @ v
+    assert set(out) == {"3.weight", "0.bias"} and out["3.weight"].shape == (2, 5)
+    torch.testing.assert_close(
+        by_name.flatten(out), expected @ by_name.flatten(v), atol=1e-10, rtol=0
+    )
+    # frozen parameters are excluded by default
+    model[0].weight.requires_grad_(False)
+    assert HessianOperator(model, loss_fn, (x, y)).shape[0] == sum(sizes) - 15
+
+
+def test_bad_input(generator):
+    model, loss_fn, x, y = _mlp_mse(generator)
+    with pytest.raises(ValueError, match="empty"):
+        HessianOperator(model, loss_fn, [])
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        HessianOperator(model, loss_fn, (x, y), params=["nope"])
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        GGNOperator(model, loss_fn, (x, y), params=[torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="unknown method"):
+        HessianOperator(model, loss_fn, (x, y), method="finite_differences")
+
+    def per_sample(out, y):
+        return nn.functional.mse_loss(out, y, reduction="none")
+
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=F64)
+    for cls in (HessianOperator, GGNOperator, EmpiricalFisherOperator):
+        for data in [(x, y), [(x, y), (x, y)]]:
+            with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+                cls(model, per_sample, data) @ v
+
+
+# ------------------------------------------------------------------------ Riemannian
+
+
+class _StiefelRegression(nn.Module):
+    def __init__(self, generator):
+        super().__init__()
+        st = Stiefel()
+        self.w = geoopt.ManifoldParameter(
+            st.random(4, 2, dtype=F64, generator=generator), manifold=st
+        )
+        self.b = nn.Parameter(torch.randn(2, dtype=F64, generator=generator))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w + self.b)
+
+
+def _riemannian_problem(generator):
+    model = _StiefelRegression(generator)
+    x = torch.randn(12, 4, dtype=F64, generator=generator)
+    y = torch.randn(12, 2, dtype=F64, generator=generator)
+    return model, _sq, x, y
+
+
+def _loss_of(model, loss_fn, x, y):
+    ref = copy.deepcopy(model)
+
+    def loss(w, b):
+        return loss_fn(torch.func.functional_call(ref, {"w": w, "b": b}, (x,)), y)
+
+    return loss
+
+
+def test_riemannian_hessian_matches_ehess2rhess(generator):
+    model, loss_fn, x, y = _riemannian_problem(generator)
+    st, w, b = model.w.manifold, model.w.detach(), model.b.detach()
+    loss = _loss_of(model, loss_fn, x, y)
+    egrad_w = torch.func.grad(loss, argnums=0)(w, b)
+    for data in [(x, y), _batches(x, y, (0, 5, 12))]:
+        op = HessianOperator(model, loss_fn, data, riemannian=True)
+        v = {
+            "w": torch.randn(4, 2, dtype=F64, generator=generator),
+            "b": torch.randn(2, dtype=F64, generator=generator),
+        }
+        u = {"w": st.proju(w, v["w"]), "b": v["b"]}
+        _, (hu_w, hu_b) = torch.func.jvp(
+            torch.func.grad(loss, argnums=(0, 1)), (w, b), (u["w"], u["b"])
+        )
+        out = op @ v
+        torch.testing.assert_close(
+            out["w"], st.ehess2rhess(w, egrad_w, hu_w, u["w"]), atol=1e-10, rtol=0
+        )
+        torch.testing.assert_close(out["b"], hu_b, atol=1e-10, rtol=0)
+        # tangent output, symmetric on the tangent space
+        skew = w.mT @ out["w"]
+        torch.testing.assert_close(skew + skew.mT, torch.zeros(2, 2, dtype=F64), atol=1e-12, rtol=0)
+        t1 = op.flatten(
+            {
+                "w": st.proju(w, torch.randn(4, 2, dtype=F64, generator=generator)),
+                "b": torch.randn(2, dtype=F64, generator=generator),
+            }
+        )
+        t2 = op.flatten(
+            {
+                "w": st.proju(w, torch.randn(4, 2, dtype=F64, generator=generator)),
+                "b": torch.randn(2, dtype=F64, generator=generator),
+            }
+        )
+        torch.testing.assert_close(t1 @ (op @ t2), (op @ t1) @ t2, atol=1e-12, rtol=0)
+
+
+def test_riemannian_hessian_matches_finite_differences(generator):
+    """Hess f(x)[u] = P_x d/dt rgrad(c(t)) at t = 0 for a curve with c'(0) = u."""
+    model, loss_fn, x, y = _riemannian_problem(generator)
+    st, w, b = model.w.manifold, model.w.detach(), model.b.detach()
+    loss = _loss_of(model, loss_fn, x, y)
+    u_w = st.proju(w, torch.randn(4, 2, dtype=F64, generator=generator))
+    u_b = torch.randn(2, dtype=F64, generator=generator)
+
+    def rgrad(t):
+        wt, bt = st.retr(w, t * u_w), b + t * u_b
+        gw, gb = torch.func.grad(loss, argnums=(0, 1))(wt, bt)
+        return st.proju(wt, gw), gb
+
+    h = 1e-5
+    (pw, pb), (mw, mb) = rgrad(h), rgrad(-h)
+    fd_w, fd_b = st.proju(w, (pw - mw) / (2 * h)), (pb - mb) / (2 * h)
+    out = HessianOperator(model, loss_fn, (x, y), riemannian=True) @ {"w": u_w, "b": u_b}
+    torch.testing.assert_close(out["w"], fd_w, atol=1e-8, rtol=0)
+    torch.testing.assert_close(out["b"], fd_b, atol=1e-8, rtol=0)
+
+
+def test_riemannian_needs_ehess2rhess(generator):
+    model = nn.Linear(3, 1).to(F64)
+    model.weight = geoopt.ManifoldParameter(
+        torch.tensor([[0.6, 0.8, 0.0]], dtype=F64), manifold=geoopt.Sphere()
+    )
+    x, y = (
+        torch.randn(4, 3, dtype=F64, generator=generator),
+        torch.randn(4, 1, dtype=F64, generator=generator),
+    )
+    with pytest.raises(TypeError, match="ehess2rhess"):
+        HessianOperator(model, _mse, (x, y), riemannian=True)
+    # without riemannian=True the manifold is ignored: the Euclidean Hessian
+    HessianOperator(model, _mse, (x, y)).to_dense()
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_probes_on_model_operators_match_the_dense_hessian(problem, generator):
+    # The engine and the probes together: eigsh and SLQ on a real HessianOperator.
+    from torsion.curvature import eigsh, spectral_density
+
+    model, loss_fn, x, y = PROBLEMS[problem](generator)
+    dense = _dense_hessian(model, loss_fn, x, y)
+    op = HessianOperator(model, loss_fn, _batches(x, y, SPLITS[-1]))
+    exact = torch.linalg.eigvalsh(dense)
+    result = eigsh(op, k=2, which="LA", tol=1e-10, generator=generator)
+    torch.testing.assert_close(result.eigenvalues, exact.flip(0)[:2], atol=1e-8, rtol=1e-8)
+    tree = result.eigenvector_trees[0]
+    assert set(tree) == {name for name, p in model.named_parameters() if p.requires_grad}
+    grid, density = spectral_density(op, num_probes=4, num_steps=op.shape[0], generator=generator)
+    mass = torch.trapezoid(density, grid)
+    torch.testing.assert_close(mass, torch.ones_like(mass), atol=1e-3, rtol=0)
