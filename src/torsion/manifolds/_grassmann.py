@@ -31,6 +31,7 @@ from torsion.manifolds._stiefel import (
     _check_point_reason,
     _eye,
     _geodesic_frame,
+    _haar_frames,
     _size,
 )
 
@@ -391,9 +392,4 @@ class Grassmann(Manifold):
         ok, reason = self._check_shape(size, "size")
         if not ok:
             raise ValueError(f"Grassmann.random: {reason}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Grassmann.random supports float32 and float64, not {dtype}")
-        draw_device = generator.device if generator is not None else device
-        gaussian = torch.randn(size, dtype=torch.float64, device=draw_device, generator=generator)
-        return qr_unique(gaussian)[0].to(dtype=dtype, device=device)
+        return _haar_frames("Grassmann", size, dtype, device, generator)

@@ -88,6 +88,19 @@ def _size(size: tuple) -> tuple[int, ...]:
     return tuple(int(s) for s in size)
 
 
+def _haar_frames(owner: str, size: tuple[int, ...], dtype, device, generator) -> Tensor:
+    """Haar-distributed orthonormal ``(..., n, p)`` frames: the sign-fixed QR of a Gaussian.
+
+    Drawn in float64 on the generator's device, then cast and moved.
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{owner}.random supports float32 and float64, not {dtype}")
+    draw_device = generator.device if generator is not None else device
+    gaussian = torch.randn(size, dtype=torch.float64, device=draw_device, generator=generator)
+    return qr_unique(gaussian)[0].to(dtype=dtype, device=device)
+
+
 def _check_point_reason(x: Tensor, *, atol: float, rtol: float, name: str = "x"):
     """Readable reason why ``x`` does not have orthonormal columns (or ``None``)."""
     if not bool(torch.isfinite(x).all()):
@@ -780,9 +793,4 @@ class Stiefel(Manifold):
         ok, reason = self._check_shape(size, "size")
         if not ok:
             raise ValueError(f"Stiefel.random: {reason}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Stiefel.random supports float32 and float64, not {dtype}")
-        draw_device = generator.device if generator is not None else device
-        gaussian = torch.randn(size, dtype=torch.float64, device=draw_device, generator=generator)
-        return qr_unique(gaussian)[0].to(dtype=dtype, device=device)
+        return _haar_frames("Stiefel", size, dtype, device, generator)
