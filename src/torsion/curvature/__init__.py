@@ -7,7 +7,8 @@
   (batch-size-weighted over any iterable of batches; Riemannian with ``riemannian=True``);
 * probes, plain functions of any operator and a ``torch.Generator``: :func:`eigsh`
   (thick-restart block Lanczos), :func:`trace` (Hutchinson, Hutch++, XTrace),
-  :func:`diagonal`, :func:`spectral_density` and :func:`slq_quadrature`.
+  :func:`diagonal`, :func:`spectral_density` and :func:`slq_quadrature`;
+* :class:`SharpnessMonitor`: warm-started sharpness checks next to ``2 / lr`` in training.
 
 Riemannian curvature reaches manifolds only through the structural :class:`TangentSpace`
 protocol, so this package never imports :mod:`torsion.manifolds`.
@@ -15,6 +16,7 @@ protocol, so this package never imports :mod:`torsion.manifolds`.
 
 from torsion.curvature._hvp import GradientGraph, HVPMethod, ggn_vp, hvp, jvp, vjp
 from torsion.curvature._linop import DenseOperator, LinearOperator, TangentSpace
+from torsion.curvature._monitor import SharpnessMonitor
 from torsion.curvature._operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from torsion.curvature._probes import (
     DiagonalEstimate,
@@ -37,6 +39,7 @@ __all__ = [
     "HVPMethod",
     "HessianOperator",
     "LinearOperator",
+    "SharpnessMonitor",
     "TangentSpace",
     "TraceEstimate",
     "diagonal",

@@ -1,0 +1,112 @@
+"""Sharpness along training: warm-started top Hessian eigenvalues next to 2 / lr."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torsion.curvature._operators import HessianOperator
+from torsion.curvature._probes import EigshResult, eigsh
+
+__all__ = ["SharpnessMonitor"]
+
+
+class SharpnessMonitor:
+    """A training-loop hook that tracks the top-``k`` Hessian eigenvalues (sharpness).
+
+    Every ``every`` calls it builds a :class:`HessianOperator` on ``data`` at the current
+    weights and runs :func:`eigsh` warm-started from the previous check's eigenvectors, so
+    a smoothly evolving model costs a few products per check. Next to the eigenvalues it
+    records ``2 / lr`` of every parameter group of ``optimizer``: gradient descent is
+    stable on a quadratic only while the sharpness stays below that threshold, and full-
+    batch training drifts up to it and hovers there (the edge of stability, Cohen et al.
+    2021).
+
+    Args:
+        model: the network; never modified (the operator evaluates it functionally).
+        loss_fn: ``loss_fn(outputs, targets)``, a scalar mean loss.
+        data: one ``(inputs, targets)`` batch or an iterable of batches (see
+            :class:`HessianOperator`).
+        every: check every this many calls.
+        k: number of top eigenvalues.
+        optimizer: optional; its groups' learning rates give the ``2 / lr`` thresholds.
+        tol: relative residual tolerance of each check's :func:`eigsh`.
+        params: parameter selection, as in :class:`HessianOperator`.
+        generator: randomness of the first (cold) check.
+
+    Attributes:
+        history: a dict of lists, one entry per check: ``"step"``, ``"eigenvalues"``
+            (``k`` floats), ``"matvecs"``, ``"converged"`` and ``"threshold"`` (``2 / lr``
+            per optimizer group; empty without an optimizer).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        *,
+        every: int = 1,
+        k: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        tol: float = 1e-3,
+        params: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.every, self.k, self.optimizer, self.tol = every, k, optimizer, tol
+        self.params, self.generator = params, generator
+        self.history: dict[str, list] = {
+            "step": [],
+            "eigenvalues": [],
+            "matvecs": [],
+            "converged": [],
+            "threshold": [],
+        }
+        self._calls = 0
+        self._last: EigshResult | None = None
+
+    def __call__(self) -> EigshResult | None:
+        """Count one training step; on every ``every``-th, check and return the result."""
+        step = self._calls
+        self._calls += 1
+        if step % self.every:
+            return None
+        return self.check(step)
+
+    def check(self, step: int | None = None) -> EigshResult:
+        """Compute the top-``k`` eigenvalues now and append them to :attr:`history`."""
+        op = HessianOperator(self.model, self.loss_fn, self.data, self.params)
+        result = eigsh(
+            op, k=self.k, which="LA", tol=self.tol, v0=self._last, generator=self.generator
+        )
+        self._last = result
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        self.history["step"].append(self._calls - 1 if step is None else step)
+        self.history["eigenvalues"].append(result.eigenvalues.tolist())
+        self.history["matvecs"].append(result.matvecs)
+        self.history["converged"].append(bool(result.converged))
+        self.history["threshold"].append([2.0 / float(g["lr"]) for g in groups])
+        return result
+
+    def plot(self, ax=None):
+        """Sharpness and ``2 / lr`` against the step (needs matplotlib); returns the axes."""
+        import matplotlib.pyplot as plt
+
+        ax = plt.gca() if ax is None else ax
+        steps = self.history["step"]
+        top = [values[0] for values in self.history["eigenvalues"]]
+        ax.plot(steps, top, label="sharpness (top Hessian eigenvalue)")
+        for group, _ in enumerate(self.history["threshold"][0] if steps else []):
+            thresholds = [row[group] for row in self.history["threshold"]]
+            ax.plot(steps, thresholds, "--", label=f"2 / lr (group {group})")
+        ax.set(xlabel="step", ylabel="eigenvalue")
+        ax.legend()
+        return ax
