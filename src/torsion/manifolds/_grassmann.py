@@ -24,14 +24,13 @@ import torch
 from torch import Tensor
 
 from torsion.linalg import polar, qr_unique, sym_funcm
-from torsion.manifolds._base import Manifold
 from torsion.manifolds._matrix import frobenius_inner, sym
 from torsion.manifolds._stiefel import (
     _block,
-    _check_point_reason,
     _eye,
     _geodesic_frame,
     _haar_frames,
+    _OrthonormalFrames,
     _size,
 )
 
@@ -146,7 +145,7 @@ def _safe_sqrt(squared: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-class Grassmann(Manifold):
+class Grassmann(_OrthonormalFrames):
     r"""Subspaces ``span(X)``, ``X`` an ``n x p`` matrix with orthonormal columns.
 
     Shape-agnostic (``n >= p`` from the tensors) and batched. Formulas, with the thin SVD
@@ -197,6 +196,7 @@ class Grassmann(Manifold):
 
     _point_description = "an orthonormal representative"
     _vector_description = "a horizontal tangent vector"
+    _tangent_condition = "horizontal: x^T u"
 
     ndim = 2
     reversible = False
@@ -219,37 +219,8 @@ class Grassmann(Manifold):
 
     # -- validation ------------------------------------------------------------------------
 
-    def _check_shape(self, shape, name):
-        if len(shape) < 2 or shape[-2] < shape[-1]:
-            return False, (
-                f"`{name}` must be a batch of tall matrices of shape (..., n, p) with "
-                f"n >= p, got shape {tuple(shape)}"
-            )
-        return True, None
-
-    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
-        return _check_point_reason(x, atol=atol, rtol=rtol)
-
-    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
-        if not bool(torch.isfinite(u).all()):
-            return False, "`u` has NaN or infinite entries"
-        if u.numel() == 0:
-            return True, None
-        worst = float((x.mT @ u).abs().amax())
-        if worst > atol + rtol * max(1.0, float(u.abs().amax())):
-            return False, (
-                f"`u` is not horizontal: x^T u should vanish, its largest entry is "
-                f"{worst:.3g} (atol={atol:g}, rtol={rtol:g})"
-            )
-        return True, None
-
-    def _point_reason(self, x, name):
-        tolerance = torch.finfo(x.dtype).eps ** 0.5
-        return _check_point_reason(x, atol=tolerance, rtol=0.0, name=name)
-
-    def _vector_reason(self, x, u, name):
-        tolerance = torch.finfo(x.dtype).eps ** 0.5
-        return self._check_vector_on_tangent(x, u, atol=tolerance, rtol=tolerance)
+    def _tangent_residual(self, x, u):
+        return x.mT @ u
 
     # -- metric ------------------------------------------------------------------------------
 

@@ -538,7 +538,52 @@ class _StiefelDist(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 
-class Stiefel(Manifold):
+class _OrthonormalFrames(Manifold):
+    """Shared checks of manifolds whose points are ``(..., n, p)`` orthonormal frames.
+
+    Subclasses give the tangency residual (``x^T u + u^T x`` for Stiefel, ``x^T u`` for
+    the horizontal space of Grassmann) and how to describe it.
+    """
+
+    _tangent_condition = ""
+
+    def _tangent_residual(self, x: Tensor, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _check_shape(self, shape, name):
+        if len(shape) < 2 or shape[-2] < shape[-1]:
+            return False, (
+                f"`{name}` must be a batch of tall matrices of shape (..., n, p) with "
+                f"n >= p, got shape {tuple(shape)}"
+            )
+        return True, None
+
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+        return _check_point_reason(x, atol=atol, rtol=rtol)
+
+    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        if not bool(torch.isfinite(u).all()):
+            return False, "`u` has NaN or infinite entries"
+        if u.numel() == 0:
+            return True, None
+        worst = float(self._tangent_residual(x, u).abs().amax())
+        if worst > atol + rtol * max(1.0, float(u.abs().amax())):
+            return False, (
+                f"`u` is not {self._tangent_condition} should vanish, its largest entry is "
+                f"{worst:.3g} (atol={atol:g}, rtol={rtol:g})"
+            )
+        return True, None
+
+    def _point_reason(self, x, name):
+        tolerance = torch.finfo(x.dtype).eps ** 0.5
+        return _check_point_reason(x, atol=tolerance, rtol=0.0, name=name)
+
+    def _vector_reason(self, x, u, name):
+        tolerance = torch.finfo(x.dtype).eps ** 0.5
+        return self._check_vector_on_tangent(x, u, atol=tolerance, rtol=tolerance)
+
+
+class Stiefel(_OrthonormalFrames):
     r"""Matrices with orthonormal columns, ``St(n, p) = {X in R^{n x p}: X^T X = I}``.
 
     Shape-agnostic (``n >= p`` from the tensors) and batched over leading dimensions.
@@ -589,6 +634,7 @@ class Stiefel(Manifold):
 
     _point_description = "a point of the Stiefel manifold"
     _vector_description = "a tangent vector"
+    _tangent_condition = "tangent: x^T u + u^T x"
 
     ndim = 2
     reversible = False
@@ -633,37 +679,8 @@ class Stiefel(Manifold):
 
     # -- validation ------------------------------------------------------------------------
 
-    def _check_shape(self, shape, name):
-        if len(shape) < 2 or shape[-2] < shape[-1]:
-            return False, (
-                f"`{name}` must be a batch of tall matrices of shape (..., n, p) with "
-                f"n >= p, got shape {tuple(shape)}"
-            )
-        return True, None
-
-    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
-        return _check_point_reason(x, atol=atol, rtol=rtol)
-
-    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
-        if not bool(torch.isfinite(u).all()):
-            return False, "`u` has NaN or infinite entries"
-        if u.numel() == 0:
-            return True, None
-        worst = float((2.0 * sym(x.mT @ u)).abs().amax())
-        if worst > atol + rtol * max(1.0, float(u.abs().amax())):
-            return False, (
-                f"`u` is not tangent: x^T u + u^T x should vanish, its largest entry is "
-                f"{worst:.3g} (atol={atol:g}, rtol={rtol:g})"
-            )
-        return True, None
-
-    def _point_reason(self, x, name):
-        tolerance = torch.finfo(x.dtype).eps ** 0.5
-        return _check_point_reason(x, atol=tolerance, rtol=0.0, name=name)
-
-    def _vector_reason(self, x, u, name):
-        tolerance = torch.finfo(x.dtype).eps ** 0.5
-        return self._check_vector_on_tangent(x, u, atol=tolerance, rtol=tolerance)
+    def _tangent_residual(self, x, u):
+        return 2.0 * sym(x.mT @ u)
 
     # -- metric ------------------------------------------------------------------------------
 
