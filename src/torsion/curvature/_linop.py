@@ -109,10 +109,17 @@ class LinearOperator(ABC):
             whose sizes add up to ``n``; enables pytree input and output.
         symmetric: whether the operator is symmetric (then ``to_scipy`` gives an adjoint).
 
+    Attributes:
+        distributed: ``True`` when every product is summed over the ranks of a
+            :mod:`torch.distributed` group (the model operators' data shards); the probes then
+            broadcast their random vectors from rank 0 so that all ranks compute alike.
+
     Shapes:
         ``matvec``: ``(n,) -> (n,)``; ``matmat``: ``(n, k) -> (n, k)``; pytrees: leaves
         shaped like the parameters, or with a leading ``k`` for a block.
     """
+
+    distributed: bool = False
 
     def __init__(
         self,

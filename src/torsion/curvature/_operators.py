@@ -20,6 +20,14 @@ parameter name) and share these rules:
   Parameter values are read at product time (detached tensors share storage), except
   where a graph is cached (single-batch :class:`HessianOperator`): build a new operator
   after changing the parameters.
+* **Distributed.** Under an initialised :mod:`torch.distributed` process group with more
+  than one rank, each rank passes its own shard of the data; the weights become
+  ``n_b / N`` with ``N`` the batch sizes summed over all ranks, and every product is
+  all-reduced (one ``all_reduce`` per product, plus one of the gradient for Riemannian
+  operators), so every rank holds the full-data operator. The probes in
+  :mod:`torsion.curvature` then draw their random vectors on rank 0 and broadcast them,
+  so they return identical results on every rank. Every rank must make the same calls.
+  ``distributed=False`` keeps an operator local to its rank.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from torsion.curvature._hvp import GradientGraph, ggn_vp, hvp
@@ -64,8 +73,8 @@ def _eval_semantics(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[float]]:
-    """Batches and their weights ``n_b / N``."""
+def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[int]]:
+    """Batches and their sizes ``n_b`` (the length of the targets)."""
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
         batches = [data]
     elif isinstance(data, Iterable) and not isinstance(data, Tensor):
@@ -84,8 +93,20 @@ def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[float]]:
         if not isinstance(targets, Tensor) or targets.ndim == 0 or targets.shape[0] == 0:
             raise ValueError(f"batch {i}: targets must be a tensor with a non-empty batch dim")
         sizes.append(targets.shape[0])
-    total = sum(sizes)
-    return [tuple(b) for b in batches], [s / total for s in sizes]
+    return [tuple(b) for b in batches], sizes
+
+
+def _use_distributed(distributed: bool | None) -> bool:
+    """Whether products are all-reduced: ``None`` means "when there are several ranks"."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        return initialised and dist.get_world_size() > 1
+    if distributed and not initialised:
+        raise RuntimeError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(call torch.distributed.init_process_group first)"
+        )
+    return bool(distributed)
 
 
 def _select_params(model: nn.Module, params: Any) -> dict[str, nn.Parameter]:
@@ -126,13 +147,19 @@ def _call_args(inputs: Any) -> tuple:
 class _ModelOperator(LinearOperator):
     """Shared state of the model operators: model, loss, batches, selected parameters."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        params: Any,
+        distributed: bool | None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model)}")
         selected = _select_params(model, params)
         self._model = model
         self._loss_fn = loss_fn
-        self._batches, self._weights = _as_batches(data)
         self._params = {n: p.detach().as_subclass(Tensor) for n, p in selected.items()}
         self._manifolds = {n: getattr(p, "manifold", None) for n, p in selected.items()}
         first = next(iter(self._params.values()))
@@ -144,6 +171,18 @@ class _ModelOperator(LinearOperator):
             param_shapes={k: p.shape for k, p in self._params.items()},
             symmetric=True,
         )
+        self.distributed = _use_distributed(distributed)
+        self._batches, sizes = _as_batches(data)
+        self._total = self._all_reduce(torch.tensor(sum(sizes), device=self.device)).item()
+        self._weights = [size / self._total for size in sizes]
+
+    def _all_reduce(self, x: Tensor) -> Tensor:
+        """Sum of ``x`` over the ranks (``x`` itself when the operator is local)."""
+        if not self.distributed:
+            return x
+        x = x.contiguous()
+        dist.all_reduce(x)
+        return x
 
     def _frozen(self) -> dict[str, Tensor]:
         """Detached unselected parameters and all buffers, read now."""
@@ -203,6 +242,10 @@ class HessianOperator(_ModelOperator):
             automatic choice per batch (memory bounded: no graph is kept). Any
             :func:`~torsion.curvature._hvp.hvp` method can be forced; ``"graph_reuse"``
             needs a single batch.
+        distributed: ``None`` (default): all-reduce products over the ranks when an
+            initialised :mod:`torch.distributed` group has more than one rank (each rank
+            passes its shard of the data; see the module notes); ``True``: require that;
+            ``False``: stay local to this rank.
 
     Shapes:
         ``(n, n)`` with ``n`` the number of selected parameter entries; pytrees are dicts
@@ -211,6 +254,7 @@ class HessianOperator(_ModelOperator):
     Raises:
         ValueError: empty data, parameters not in the model, non-scalar loss (at the first
             product), unknown method.
+        RuntimeError: ``distributed=True`` without an initialised process group.
         TypeError: ``riemannian=True`` and a parameter's manifold lacks ``proju`` or
             ``ehess2rhess``.
     """
@@ -224,8 +268,9 @@ class HessianOperator(_ModelOperator):
         *,
         riemannian: bool = False,
         method: OperatorMethod = "auto",
+        distributed: bool | None = None,
     ):
-        super().__init__(model, loss_fn, data, params)
+        super().__init__(model, loss_fn, data, params, distributed)
         if method not in _OPERATOR_METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {_OPERATOR_METHODS}")
         if method == "auto" and len(self._batches) == 1:
@@ -251,40 +296,49 @@ class HessianOperator(_ModelOperator):
         self._graph: GradientGraph | None = None
         self._egrad: dict[str, Tensor] | None = None
 
-    def _euclidean(self, tree: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _euclidean(self, tree: dict[str, Tensor]) -> Tensor:
+        """Flat Euclidean Hessian products of a block pytree, summed over the ranks."""
         with _eval_semantics(self._model):
             if self.method == "graph_reuse":
                 if self._graph is None:
                     f = self._loss_fn_of_params(self._batches[0])
                     self._graph = GradientGraph(f, self._params)
-                return self._graph.hvp(tree, block=True)
-            total: dict[str, Tensor] = {}
-            for batch, w in zip(self._batches, self._weights, strict=True):
-                f = self._loss_fn_of_params(batch)
-                out = hvp(f, self._params, tree, method=self.method, block=True)
-                total = {k: total.get(k, 0) + w * x for k, x in out.items()}
-            return total
+                local = self._scaled(self.flatten(self._graph.hvp(tree, block=True)))
+            else:
+                local = 0
+                for batch, w in zip(self._batches, self._weights, strict=True):
+                    f = self._loss_fn_of_params(batch)
+                    local = local + w * self.flatten(
+                        hvp(f, self._params, tree, method=self.method, block=True)
+                    )
+        return self._all_reduce(local)
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        """A single batch's mean product, weighted by its share of all ranks' samples."""
+        w = self._weights[0]
+        return x if w == 1 else w * x
 
     def _gradient(self) -> dict[str, Tensor]:
-        if self._graph is not None:
-            return self._graph.gradient
         if self._egrad is None:
-            grad: dict[str, Tensor] = {}
             with _eval_semantics(self._model):
-                for batch, w in zip(self._batches, self._weights, strict=True):
-                    g = torch.func.grad(self._loss_fn_of_params(batch))(self._params)
-                    grad = {k: grad.get(k, 0) + w * x for k, x in g.items()}
-            self._egrad = grad
+                if self._graph is not None:
+                    local = self._scaled(self.flatten(self._graph.gradient))
+                else:
+                    local = 0
+                    for batch, w in zip(self._batches, self._weights, strict=True):
+                        g = torch.func.grad(self._loss_fn_of_params(batch))(self._params)
+                        local = local + w * self.flatten(g)
+            self._egrad = self.unflatten(self._all_reduce(local))
         return self._egrad
 
     def _matmat(self, V: Tensor) -> Tensor:
-        tree = self.unflatten(V)
         if not self._tangent:
-            return self.flatten(self._euclidean(tree))
+            return self._euclidean(self.unflatten(V))
+        tree = self.unflatten(V)
         for name, manifold in self._tangent.items():
             x = self._params[name]
             tree[name] = torch.stack([manifold.proju(x, u) for u in tree[name]])
-        ehess = self._euclidean(tree)
+        ehess = self.unflatten(self._euclidean(tree))
         egrad = self._gradient()
         for name, manifold in self._tangent.items():
             x, g = self._params[name], egrad[name]
@@ -303,14 +357,23 @@ class GGNOperator(_ModelOperator):
     ``J_b`` is the Jacobian of the model outputs on batch ``b`` with respect to the
     selected parameters, ``H_loss,b`` the Hessian of ``loss_fn(., targets_b)`` at the
     outputs (see :func:`~torsion.curvature._hvp.ggn_vp`). Positive semi-definite for
-    convex losses (MSE, cross-entropy). Arguments as in :class:`HessianOperator`.
+    convex losses (MSE, cross-entropy). Arguments (``distributed`` included) as in
+    :class:`HessianOperator`.
 
     Shapes:
         ``(n, n)``; pytrees keyed by parameter name.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params: Any = None):
-        super().__init__(model, loss_fn, data, params)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        params: Any = None,
+        *,
+        distributed: bool | None = None,
+    ):
+        super().__init__(model, loss_fn, data, params, distributed)
 
     def _matmat(self, V: Tensor) -> Tensor:
         tree = self.unflatten(V)
@@ -325,7 +388,7 @@ class GGNOperator(_ModelOperator):
                     block=True,
                 )
                 total = total + w * self.flatten(out)
-        return total
+        return self._all_reduce(total)
 
 
 class EmpiricalFisherOperator(_ModelOperator):
@@ -335,16 +398,24 @@ class EmpiricalFisherOperator(_ModelOperator):
     evaluated on a batch of one sample, so that for a mean-reduced loss the full-data loss
     is ``(1/N) sum_i l_i`` (curvlinops' convention for ``reduction="mean"``). Per-sample
     gradients come from ``vmap(grad)`` one batch at a time: memory ``n_b * n`` per batch.
-    Arguments as in :class:`HessianOperator`; ``inputs`` and ``targets`` must have the
+    Arguments (``distributed`` included) as in :class:`HessianOperator`; ``inputs`` and
+    ``targets`` must have the
     sample dimension first.
 
     Shapes:
         ``(n, n)``; pytrees keyed by parameter name.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params: Any = None):
-        super().__init__(model, loss_fn, data, params)
-        self._total = sum(b[1].shape[0] for b in self._batches)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        params: Any = None,
+        *,
+        distributed: bool | None = None,
+    ):
+        super().__init__(model, loss_fn, data, params, distributed)
 
     def _per_sample_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
         frozen, args = self._frozen(), _call_args(inputs)
@@ -365,4 +436,4 @@ class EmpiricalFisherOperator(_ModelOperator):
             for inputs, targets in self._batches:
                 G = self._per_sample_gradients(inputs, targets)
                 total = total + G @ (G.mT @ V)
-        return total / self._total
+        return self._all_reduce(total) / self._total

@@ -18,6 +18,11 @@ residual test and the rank test of the new block) and the estimator choice of
 ``trace(method="auto")`` (once). Trace, diagonal and spectral-density estimates are
 computed without any synchronisation after the argument checks.
 
+Distributed operators (``op.distributed``, e.g. a model operator over data sharded across
+:mod:`torch.distributed` ranks): every random block is drawn on rank 0 and broadcast, and
+so are the results, so every rank probes the same full-data operator with the same vectors
+and returns rank 0's numbers. All ranks must call the same probe with the same arguments.
+
 References:
 - K. Wu and H. Simon, Thick-restart Lanczos method for large symmetric eigenvalue
   problems, SIMAX 22 (2000).
@@ -37,6 +42,7 @@ import math
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
@@ -146,16 +152,28 @@ def _apply_chunked(op: Any, x: Tensor) -> Tensor:
     return torch.cat([_apply(op, c) for c in x.split(_CHUNK, dim=1)], dim=1)
 
 
+def _shared(op: Any, x: Tensor) -> Tensor:
+    """``x`` on the operator's device; rank 0's value on every rank of a distributed operator.
+
+    Random draws go through here, so every rank probes with the same vectors; results do
+    too, because BLAS may round the same products differently in different processes.
+    """
+    x = x.to(op.device)
+    if getattr(op, "distributed", False):
+        x = x.contiguous()
+        dist.broadcast(x, src=0)
+    return x
+
+
 def _randn(n: int, k: int, op: Any, generator: torch.Generator | None) -> Tensor:
     device = op.device if generator is None else generator.device
-    x = torch.randn(n, k, dtype=op.dtype, device=device, generator=generator)
-    return x.to(op.device)
+    return _shared(op, torch.randn(n, k, dtype=op.dtype, device=device, generator=generator))
 
 
 def _rademacher(n: int, k: int, op: Any, generator: torch.Generator | None) -> Tensor:
     device = op.device if generator is None else generator.device
     x = torch.randint(0, 2, (n, k), device=device, generator=generator).to(op.dtype)
-    return (2 * x - 1).to(op.device)
+    return _shared(op, 2 * x - 1)
 
 
 def _unflatten_or_flat(op: Any, flat: Tensor) -> Any:
@@ -371,6 +389,7 @@ def eigsh(
 
     if y is None:  # pragma: no cover - max_iter >= 1 always runs one step
         raise RuntimeError("eigsh ran no step")
+    theta_k, y, residual_norms = (_shared(op, t) for t in (theta_k, y, residual_norms))
     trees = None
     if callable(getattr(op, "unflatten", None)):
         trees = tuple(op.unflatten(y[:, i]) for i in range(k))
@@ -525,13 +544,16 @@ def trace(
     if method not in _TRACE_METHODS:
         raise ValueError(f"method must be one of {_TRACE_METHODS}, got {method!r}")
     _check_count(num_matvecs, "num_matvecs", _MIN_MATVECS[method])
-    if method == "hutchinson":
-        return _trace_hutchinson(op, n, num_matvecs, generator)
-    if method == "hutchpp":
-        return _trace_hutchpp(op, n, num_matvecs, generator)
-    if method == "xtrace":
-        return _trace_xtrace(op, n, num_matvecs, generator)
-    return _trace_auto(op, n, num_matvecs, generator)
+    estimator = {
+        "hutchinson": _trace_hutchinson,
+        "hutchpp": _trace_hutchpp,
+        "xtrace": _trace_xtrace,
+        "auto": _trace_auto,
+    }[method]
+    result = estimator(op, n, num_matvecs, generator)
+    return result._replace(
+        estimate=_shared(op, result.estimate), standard_error=_shared(op, result.standard_error)
+    )
 
 
 # --------------------------------------------------------------------------- diagonal
@@ -552,7 +574,7 @@ def diagonal(
     _check_count(num_matvecs, "num_matvecs", 2)
     z = _rademacher(n, num_matvecs, op, generator)
     samples = z * _apply_chunked(op, z)
-    est, se = _mean_and_standard_error(samples, dim=1)
+    est, se = (_shared(op, t) for t in _mean_and_standard_error(samples, dim=1))
     return DiagonalEstimate(_unflatten_or_flat(op, est), _unflatten_or_flat(op, se), num_matvecs)
 
 
@@ -610,7 +632,7 @@ def slq_quadrature(
     if s > 1:
         tri = tri + torch.diag_embed(betas, offset=1) + torch.diag_embed(betas, offset=-1)
     nodes, vecs = torch.linalg.eigh(tri)
-    return nodes, vecs[:, 0, :].square()
+    return _shared(op, nodes), _shared(op, vecs[:, 0, :].square())
 
 
 def spectral_density(
