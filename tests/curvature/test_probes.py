@@ -1,6 +1,7 @@
 """Curvature probes against dense oracles on float64 operators with known spectra."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -296,8 +297,40 @@ def test_trace_counts_products_and_exact_for_full_sketch():
     assert res.standard_error <= 1e-12
 
 
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp", "auto"])
+def test_trace_rtol_stops_once_the_standard_error_is_small_enough(method):
+    lam = 1 + torch.rand(400, dtype=F64, generator=gen(9))
+    lam[:3] = 40.0  # a few outliers; Hutch++'s sketch (budget / 3) leaves a random rest
+    a, _ = with_spectrum(lam, seed=2)
+    truth = lam.sum()
+    spent, covered = [], []
+    for seed in range(40):
+        op = CountingDense(a)
+        res = trace(op, 240, method, generator=gen(seed), rtol=0.03)
+        assert res.matvecs == op.matvecs
+        assert res.standard_error <= 0.03 * res.estimate.abs()
+        spent.append(res.matvecs)
+        covered.append(bool((res.estimate - truth).abs() <= 2.5 * res.standard_error))
+    assert max(spent) < 240  # stopped early every time (Hutch++ sketches m // 3 first)
+    assert sum(covered) >= 34  # the stopped estimates are still honest
+    # a tolerance that cannot be met spends the whole budget
+    op = CountingDense(a)
+    assert trace(op, 60, method, generator=gen(0), rtol=1e-9).matvecs == op.matvecs == 60
+
+
+def test_trace_without_rtol_is_the_same_estimate_as_one_block():
+    a, _ = with_spectrum(1 + torch.rand(50, dtype=F64, generator=gen(9)), seed=2)
+    z = torch.randint(0, 2, (50, 40), generator=gen(3)).to(F64) * 2 - 1
+    res = trace(CountingDense(a), 40, "hutchinson", generator=gen(3))
+    torch.testing.assert_close(res.estimate, ((a @ z) * z).sum(0).mean())
+
+
 def test_trace_errors():
     op = CountingDense(torch.eye(4, dtype=F64))
+    with pytest.raises(ValueError, match="rtol must be a positive"):
+        trace(op, 10, rtol=0.0)
+    with pytest.raises(ValueError, match="XTrace"):
+        trace(op, 10, "xtrace", rtol=0.1)
     with pytest.raises(ValueError, match="method"):
         trace(op, 10, "hutch")
     with pytest.raises(ValueError, match="num_matvecs must be >= 2"):
@@ -398,3 +431,32 @@ def test_spectral_density_custom_grid_sigma_and_breakdown():
         spectral_density(CountingDense(a), 2, 3, sigma=0.0)
     with pytest.raises(ValueError, match="num_steps"):
         spectral_density(CountingDense(a), 2, 0)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_bars_count_the_products(capsys):
+    pytest.importorskip("tqdm")
+    a, _ = with_spectrum(decaying(30), seed=1)
+    op = CountingDense(a)
+    result = eigsh(op, k=2, generator=gen(0), progress=True)
+    assert f"eigsh: {result.matvecs}matvec" in capsys.readouterr().err
+    estimate = trace(op, 20, "hutchinson", generator=gen(0), progress=True)
+    assert "trace: 100%" in capsys.readouterr().err and estimate.matvecs == 20
+    diagonal(op, 6, generator=gen(0), progress=True)
+    assert "diagonal: 100%" in capsys.readouterr().err
+    spectral_density(op, 2, 5, generator=gen(0), progress=True)
+    assert "slq: 100%" in capsys.readouterr().err
+    # the results do not depend on the bar
+    torch.testing.assert_close(
+        eigsh(op, k=2, generator=gen(0)).eigenvalues, result.eigenvalues, rtol=0, atol=0
+    )
+
+
+def test_progress_without_tqdm_warns_and_still_computes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    a, _ = with_spectrum(decaying(10), seed=1)
+    with pytest.warns(UserWarning, match="needs tqdm"):
+        res = trace(CountingDense(a), 8, "hutchinson", generator=gen(0), progress=True)
+    assert res.matvecs == 8

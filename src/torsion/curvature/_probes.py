@@ -38,7 +38,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -64,6 +67,7 @@ _TRACE_METHODS = ("auto", "hutchinson", "hutchpp", "xtrace")
 # Largest block handed to one ``matmat`` call by the stochastic estimators; bounds the
 # memory of the product while keeping blocks large enough for a vmapped engine.
 _CHUNK = 64
+_FIRST_SAMPLES = 8  # first block of a sequential trace estimate (rtol)
 
 
 class EigshResult(NamedTuple):
@@ -176,6 +180,46 @@ def _rademacher(n: int, k: int, op: Any, generator: torch.Generator | None) -> T
     return _shared(op, 2 * x - 1)
 
 
+class _CountingOperator:
+    """``op`` with every product counted on a progress bar; everything else delegated."""
+
+    def __init__(self, op: Any, bar: Any):
+        self._op, self._bar = op, bar
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._op, name)
+
+    def matmat(self, x: Tensor) -> Tensor:
+        y = self._op.matmat(x)
+        self._bar.update(x.shape[1])
+        return y
+
+
+@contextlib.contextmanager
+def _progress(op: Any, enabled: bool, total: int | None, desc: str) -> Iterator[Any]:
+    """``op``, or with ``enabled`` a counting view of it behind a tqdm bar of products.
+
+    Only rank 0 of a distributed operator draws the bar. Without tqdm there is no bar and
+    a warning says so.
+    """
+    if getattr(op, "distributed", False) and dist.get_rank() != 0:
+        enabled = False
+    if not enabled:
+        yield op
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("progress=True needs tqdm (pip install tqdm); no bar", stacklevel=3)
+        yield op
+        return
+    bar = tqdm(total=total, desc=desc, unit="matvec")
+    try:
+        yield _CountingOperator(op, bar)
+    finally:
+        bar.close()
+
+
 def _unflatten_or_flat(op: Any, flat: Tensor) -> Any:
     unflatten = getattr(op, "unflatten", None)
     return unflatten(flat) if callable(unflatten) else flat
@@ -256,6 +300,7 @@ def eigsh(
     ncv: int | None = None,
     block_size: int | None = None,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> EigshResult:
     """A few extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -291,6 +336,7 @@ def eigsh(
             spectrum, n=300: about 23 products against 36-41 with blocks of 5) but, like
             any single-vector Krylov method, sees only one copy of a repeated eigenvalue.
         generator: for the random start (and random refills after an invariant subspace).
+        progress: show a tqdm bar of the products spent (when tqdm is installed).
 
     Returns:
         :class:`EigshResult`. ``converged`` is ``False`` when ``max_iter`` ran out; the
@@ -323,77 +369,78 @@ def eigsh(
         max_iter = min(10_000, max(100, 10 * n // block))
     else:
         _check_count(max_iter, "max_iter", 1)
-    # Kept Ritz vectors at a restart: the wanted ones plus about half the rest.
-    keep = max(k, min(ncv - block, k + (ncv - k) // 2))
+    with _progress(op, progress, None, "eigsh") as op:
+        # Kept Ritz vectors at a restart: the wanted ones plus about half the rest.
+        keep = max(k, min(ncv - block, k + (ncv - k) // 2))
 
-    dtype, device = op.dtype, op.device
-    eps = torch.finfo(dtype).eps
-    drop = eps**0.5
-    basis = torch.zeros(n, 0, dtype=dtype, device=device)
-    images = torch.zeros(n, 0, dtype=dtype, device=device)
-    proj = torch.zeros(0, 0, dtype=torch.float64, device=device)  # V^T A V
-    x = _initial_block(v0, op, n, block, generator)
-    matvecs = 0
-    converged = False
-    anorm = 0.0
-    theta_k = y = residual_norms = None
+        dtype, device = op.dtype, op.device
+        eps = torch.finfo(dtype).eps
+        drop = eps**0.5
+        basis = torch.zeros(n, 0, dtype=dtype, device=device)
+        images = torch.zeros(n, 0, dtype=dtype, device=device)
+        proj = torch.zeros(0, 0, dtype=torch.float64, device=device)  # V^T A V
+        x = _initial_block(v0, op, n, block, generator)
+        matvecs = 0
+        converged = False
+        anorm = 0.0
+        theta_k = y = residual_norms = None
 
-    for _ in range(max_iter):
-        x = _orthonormal_extension(basis, x, drop)
-        room = n - basis.shape[1]
-        if x.shape[1] == 0:
-            # The space is invariant but the wanted pairs are not converged: refill randomly.
-            x = _orthonormal_extension(basis, _randn(n, min(block, room), op, generator), drop)
-        x = x[:, :room]
-        if x.shape[1] == 0:
-            break
-        ax = _apply(op, x)
-        matvecs += x.shape[1]
-        cross = (basis.mT @ ax).to(torch.float64)
-        diag = (x.mT @ ax).to(torch.float64)
-        diag = (diag + diag.mT) / 2
-        proj = torch.cat(
-            [torch.cat([proj, cross], dim=1), torch.cat([cross.mT, diag], dim=1)], dim=0
-        )
-        basis = torch.cat([basis, x], dim=1)
-        images = torch.cat([images, ax], dim=1)
+        for _ in range(max_iter):
+            x = _orthonormal_extension(basis, x, drop)
+            room = n - basis.shape[1]
+            if x.shape[1] == 0:
+                # The space is invariant but the wanted pairs are not converged: refill randomly.
+                x = _orthonormal_extension(basis, _randn(n, min(block, room), op, generator), drop)
+            x = x[:, :room]
+            if x.shape[1] == 0:
+                break
+            ax = _apply(op, x)
+            matvecs += x.shape[1]
+            cross = (basis.mT @ ax).to(torch.float64)
+            diag = (x.mT @ ax).to(torch.float64)
+            diag = (diag + diag.mT) / 2
+            proj = torch.cat(
+                [torch.cat([proj, cross], dim=1), torch.cat([cross.mT, diag], dim=1)], dim=0
+            )
+            basis = torch.cat([basis, x], dim=1)
+            images = torch.cat([images, ax], dim=1)
 
-        theta, s = torch.linalg.eigh(proj)
-        order = _wanted_order(theta, which)
-        sel = order[:k]
-        s_k = s[:, sel].to(dtype)
-        theta_k = theta[sel].to(dtype)
-        y = basis @ s_k
-        r = images @ s_k - y * theta_k
-        residual_norms = torch.linalg.vector_norm(r, dim=0)
+            theta, s = torch.linalg.eigh(proj)
+            order = _wanted_order(theta, which)
+            sel = order[:k]
+            s_k = s[:, sel].to(dtype)
+            theta_k = theta[sel].to(dtype)
+            y = basis @ s_k
+            r = images @ s_k - y * theta_k
+            residual_norms = torch.linalg.vector_norm(r, dim=0)
 
-        anorm = max(anorm, float(theta.abs().max()))  # host sync: stopping test
-        scale = torch.clamp(theta_k.abs(), min=eps ** (1 / 3) * anorm)
-        thresholds = torch.clamp(tol * scale, min=100 * eps * anorm)
-        done = residual_norms <= thresholds
-        if bool(done.all()) or basis.shape[1] >= n:  # host sync: stopping test
-            converged = True
-            break
+            anorm = max(anorm, float(theta.abs().max()))  # host sync: stopping test
+            scale = torch.clamp(theta_k.abs(), min=eps ** (1 / 3) * anorm)
+            thresholds = torch.clamp(tol * scale, min=100 * eps * anorm)
+            done = residual_norms <= thresholds
+            if bool(done.all()) or basis.shape[1] >= n:  # host sync: stopping test
+                converged = True
+                break
 
-        if basis.shape[1] + block > ncv:  # thick restart: keep the most wanted Ritz vectors
-            kept = order[:keep]
-            s_keep = s[:, kept].to(dtype)
-            basis = basis @ s_keep
-            images = images @ s_keep
-            proj = torch.diag(theta[kept])
-        x = r[:, ~done]
-        if x.shape[1] > block:  # compress the residuals to the block's dominant directions
-            x = x / torch.linalg.vector_norm(x, dim=0)
-            u, _, _ = torch.linalg.svd(x, full_matrices=False)
-            x = u[:, :block]
+            if basis.shape[1] + block > ncv:  # thick restart: keep the most wanted Ritz vectors
+                kept = order[:keep]
+                s_keep = s[:, kept].to(dtype)
+                basis = basis @ s_keep
+                images = images @ s_keep
+                proj = torch.diag(theta[kept])
+            x = r[:, ~done]
+            if x.shape[1] > block:  # compress the residuals to the block's dominant directions
+                x = x / torch.linalg.vector_norm(x, dim=0)
+                u, _, _ = torch.linalg.svd(x, full_matrices=False)
+                x = u[:, :block]
 
-    if y is None:  # pragma: no cover - max_iter >= 1 always runs one step
-        raise RuntimeError("eigsh ran no step")
-    theta_k, y, residual_norms = (_shared(op, t) for t in (theta_k, y, residual_norms))
-    trees = None
-    if callable(getattr(op, "unflatten", None)):
-        trees = tuple(op.unflatten(y[:, i]) for i in range(k))
-    return EigshResult(theta_k, y, residual_norms, matvecs, converged, trees)
+        if y is None:  # pragma: no cover - max_iter >= 1 always runs one step
+            raise RuntimeError("eigsh ran no step")
+        theta_k, y, residual_norms = (_shared(op, t) for t in (theta_k, y, residual_norms))
+        trees = None
+        if callable(getattr(op, "unflatten", None)):
+            trees = tuple(op.unflatten(y[:, i]) for i in range(k))
+        return EigshResult(theta_k, y, residual_norms, matvecs, converged, trees)
 
 
 # --------------------------------------------------------------------------- trace
@@ -404,38 +451,76 @@ def _hutchinson_samples(op: Any, z: Tensor) -> tuple[Tensor, Tensor]:
     return (z * az).sum(dim=0), az
 
 
-def _trace_hutchinson(op: Any, n: int, m: int, generator) -> TraceEstimate:
-    samples, _ = _hutchinson_samples(op, _rademacher(n, m, op, generator))
-    est, se = _mean_and_standard_error(samples)
-    return TraceEstimate(est, se, m, "hutchinson")
+def _sample_until(
+    draw: Callable[[int], Tensor],
+    budget: int,
+    rtol: float | None,
+    samples: Tensor | None = None,
+    offset: Tensor | float = 0.0,
+) -> tuple[Tensor, Tensor, int]:
+    """Mean and standard error of i.i.d. samples ``draw(k)`` (``k`` at a time).
+
+    Without ``rtol`` the whole ``budget`` is drawn in one block. With it, samples come in
+    growing blocks (at least :data:`_FIRST_SAMPLES`, then half of those so far), and
+    sampling stops once ``standard error <= rtol * |offset + mean|`` (one host sync per
+    block) or the budget is spent. ``samples`` are earlier samples to continue from.
+    """
+    if samples is None:
+        samples = draw(budget if rtol is None else min(budget, _FIRST_SAMPLES))
+    while samples.shape[0] < budget:
+        if rtol is not None:
+            mean, se = _mean_and_standard_error(samples)
+            if bool(se <= rtol * (offset + mean).abs()):  # host sync: the stopping test
+                break
+            k = min(budget - samples.shape[0], max(_FIRST_SAMPLES, samples.shape[0] // 2))
+        else:
+            k = budget - samples.shape[0]
+        samples = torch.cat([samples, draw(k)])
+    mean, se = _mean_and_standard_error(samples)
+    return mean, se, samples.shape[0]
+
+
+def _rademacher_quadratic_forms(op: Any, n: int, generator, basis: Tensor | None = None):
+    """``k -> z_i^T A z_i`` for ``k`` fresh Rademacher ``z_i``, projected off ``basis``."""
+
+    def draw(k: int) -> Tensor:
+        z = _rademacher(n, k, op, generator)
+        if basis is not None:
+            z = z - basis @ (basis.mT @ z)
+        return _hutchinson_samples(op, z)[0]
+
+    return draw
+
+
+def _trace_hutchinson(op: Any, n: int, m: int, generator, rtol=None) -> TraceEstimate:
+    draw = _rademacher_quadratic_forms(op, n, generator)
+    est, se, spent = _sample_until(draw, m, rtol)
+    return TraceEstimate(est, se, spent, "hutchinson")
 
 
 def _hutchpp_from_sketch(
-    op: Any, n: int, sketch_images: Tensor, num_samples: int, generator, spent: int
+    op: Any, n: int, sketch_images: Tensor, num_samples: int, generator, spent: int, rtol=None
 ) -> TraceEstimate:
     """Hutch++ given ``A S`` for a sketch ``S``: exact trace on ``Q = orth(A S)`` plus
-    Hutchinson with ``num_samples`` fresh Rademacher vectors on ``(I - QQ^T) A (I - QQ^T)``.
+    Hutchinson with up to ``num_samples`` fresh Rademacher vectors on
+    ``(I - QQ^T) A (I - QQ^T)`` (fewer when ``rtol`` is met first).
 
     Conditional on ``Q`` the estimate is unbiased, and its only randomness is the deflated
     Hutchinson part, whose sample standard error is returned."""
     q, _ = torch.linalg.qr(sketch_images)
-    aq = _apply_chunked(op, q)
-    exact = (q * aq).sum()
-    g = _rademacher(n, num_samples, op, generator)
-    g = g - q @ (q.mT @ g)
-    ag = _apply_chunked(op, g)
-    samples = (g * ag).sum(dim=0)
-    mean, se = _mean_and_standard_error(samples)
-    return TraceEstimate(exact + mean, se, spent + q.shape[1] + num_samples, "hutchpp")
+    exact = (q * _apply_chunked(op, q)).sum()
+    draw = _rademacher_quadratic_forms(op, n, generator, basis=q)
+    mean, se, used = _sample_until(draw, num_samples, rtol, offset=exact)
+    return TraceEstimate(exact + mean, se, spent + q.shape[1] + used, "hutchpp")
 
 
-def _trace_hutchpp(op: Any, n: int, m: int, generator) -> TraceEstimate:
+def _trace_hutchpp(op: Any, n: int, m: int, generator, rtol=None) -> TraceEstimate:
     s = m // 3
     sketch = _rademacher(n, s, op, generator)
-    return _hutchpp_from_sketch(op, n, _apply_chunked(op, sketch), m - 2 * s, generator, s)
+    return _hutchpp_from_sketch(op, n, _apply_chunked(op, sketch), m - 2 * s, generator, s, rtol)
 
 
-def _trace_xtrace(op: Any, n: int, m: int, generator) -> TraceEstimate:
+def _trace_xtrace(op: Any, n: int, m: int, generator, rtol=None) -> TraceEstimate:
     """XTrace: ``s = m // 2`` test vectors, each left out in turn from the low-rank part.
 
     With ``Y = A Omega = Q R``, the leave-one-out basis is ``Q_i = Q U_i`` where ``U_i``
@@ -473,7 +558,7 @@ def _trace_xtrace(op: Any, n: int, m: int, generator) -> TraceEstimate:
     return TraceEstimate(est, se, 2 * s, "xtrace")
 
 
-def _trace_auto(op: Any, n: int, m: int, generator) -> TraceEstimate:
+def _trace_auto(op: Any, n: int, m: int, generator, rtol=None) -> TraceEstimate:
     """Pilot of ``p = m // 3`` Rademacher products, reused by whichever estimator wins.
 
     From ``Y = A G`` (``G = [G1, G2]``, halves of the pilot):
@@ -492,10 +577,9 @@ def _trace_auto(op: Any, n: int, m: int, generator) -> TraceEstimate:
     whenever the choice is clear-cut.
     """
     if m < 12:
-        return _trace_hutchinson(op, n, m, generator)
+        return _trace_hutchinson(op, n, m, generator, rtol)
     p = m // 3
-    g = _rademacher(n, p, op, generator)
-    pilot, y = _hutchinson_samples(op, g)
+    pilot, y = _hutchinson_samples(op, _rademacher(n, p, op, generator))
     p1 = p // 2
     q1, _ = torch.linalg.qr(y[:, :p1])
     held_out = y[:, p1:]
@@ -504,10 +588,10 @@ def _trace_auto(op: Any, n: int, m: int, generator) -> TraceEstimate:
     var_hutchinson = pilot.var(correction=1)
     hutchpp_wins = 2 * tail / (m - 2 * p) < var_hutchinson / m
     if bool(hutchpp_wins):  # host sync: the one estimator choice
-        return _hutchpp_from_sketch(op, n, y, m - 2 * p, generator, p)
-    rest, _ = _hutchinson_samples(op, _rademacher(n, m - p, op, generator))
-    est, se = _mean_and_standard_error(torch.cat([pilot, rest]))
-    return TraceEstimate(est, se, m, "hutchinson")
+        return _hutchpp_from_sketch(op, n, y, m - 2 * p, generator, p, rtol)
+    draw = _rademacher_quadratic_forms(op, n, generator)
+    est, se, spent = _sample_until(draw, m, rtol, samples=pilot)
+    return TraceEstimate(est, se, spent, "hutchinson")
 
 
 _MIN_MATVECS = {"auto": 2, "hutchinson": 2, "hutchpp": 4, "xtrace": 4}
@@ -519,8 +603,18 @@ def trace(
     method: TraceMethod = "auto",
     *,
     generator: torch.Generator | None = None,
+    rtol: float | None = None,
+    progress: bool = False,
 ) -> TraceEstimate:
     """Stochastic estimate of ``tr(A)`` with a standard error, from ``num_matvecs`` products.
+
+    ``num_matvecs`` is the budget. With ``rtol``, the Hutchinson samples (Hutch++'s deflated
+    ones) are drawn in growing blocks and sampling stops as soon as the estimated standard
+    error is at most ``rtol * |estimate|``; ``matvecs`` reports what was spent. This rule
+    uses the variance, unlike PyHessian's relative-change rule, which stopped after 6
+    products at 0.7 % error. (The first block holds 8 samples, so the variance estimate
+    is meaningful; XTrace has no sequential form and rejects ``rtol``.)
+    ``progress=True`` shows a tqdm bar of the products (when tqdm is installed).
 
     Methods:
 
@@ -544,13 +638,19 @@ def trace(
     if method not in _TRACE_METHODS:
         raise ValueError(f"method must be one of {_TRACE_METHODS}, got {method!r}")
     _check_count(num_matvecs, "num_matvecs", _MIN_MATVECS[method])
+    if rtol is not None:
+        if not (isinstance(rtol, (int, float)) and rtol > 0):
+            raise ValueError(f"rtol must be a positive number or None, got {rtol!r}")
+        if method == "xtrace":
+            raise ValueError("rtol needs a sequential estimator; XTrace draws all at once")
     estimator = {
         "hutchinson": _trace_hutchinson,
         "hutchpp": _trace_hutchpp,
         "xtrace": _trace_xtrace,
         "auto": _trace_auto,
     }[method]
-    result = estimator(op, n, num_matvecs, generator)
+    with _progress(op, progress, num_matvecs, "trace") as counted:
+        result = estimator(counted, n, num_matvecs, generator, rtol)
     return result._replace(
         estimate=_shared(op, result.estimate), standard_error=_shared(op, result.standard_error)
     )
@@ -560,7 +660,11 @@ def trace(
 
 
 def diagonal(
-    op: Any, num_matvecs: int, *, generator: torch.Generator | None = None
+    op: Any,
+    num_matvecs: int,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> DiagonalEstimate:
     """Hutchinson's diagonal estimator (Bekas et al. 2007) with per-entry standard errors.
 
@@ -568,12 +672,14 @@ def diagonal(
     normalisation is needed); entry ``j`` has variance ``sum_{l != j} A_jl^2`` per sample,
     and the standard error is its sample estimate over ``sqrt(num_matvecs)``. Returned as
     parameter pytrees when the operator has ``unflatten``. Needs >= 2 products.
+    ``progress=True`` shows a tqdm bar of the products (when tqdm is installed).
     """
     n = _check_operator(op)
     _check_generator(generator)
     _check_count(num_matvecs, "num_matvecs", 2)
     z = _rademacher(n, num_matvecs, op, generator)
-    samples = z * _apply_chunked(op, z)
+    with _progress(op, progress, num_matvecs, "diagonal") as counted:
+        samples = z * _apply_chunked(counted, z)
     est, se = (_shared(op, t) for t in _mean_and_standard_error(samples, dim=1))
     return DiagonalEstimate(_unflatten_or_flat(op, est), _unflatten_or_flat(op, se), num_matvecs)
 
@@ -582,7 +688,12 @@ def diagonal(
 
 
 def slq_quadrature(
-    op: Any, num_probes: int, num_steps: int, *, generator: torch.Generator | None = None
+    op: Any,
+    num_probes: int,
+    num_steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Stochastic Lanczos quadrature nodes and weights, each ``(num_probes, num_steps)``.
 
@@ -593,6 +704,7 @@ def slq_quadrature(
     ``sum_j w_j nodes_j**d = v^T A^d v``, whose mean over probes estimates ``tr(A^d) / n``.
     Lanczos breakdown (an invariant Krylov space, e.g. ``num_steps > n``) sets the coupling
     to exactly zero, so the extra nodes get zero weight. No host synchronisation.
+    ``progress=True`` shows a tqdm bar of the products (when tqdm is installed).
     """
     n = _check_operator(op)
     _check_generator(generator)
@@ -606,28 +718,29 @@ def slq_quadrature(
     alphas = torch.zeros(p, s, dtype=dtype, device=device)
     betas = torch.zeros(p, max(s - 1, 0), dtype=dtype, device=device)
     anorm = torch.zeros(p, dtype=dtype, device=device)
-    for j in range(s):
-        basis[:, j] = q.mT
-        aq = _apply(op, q)
-        alphas[:, j] = (q * aq).sum(dim=0)
-        if j == s - 1:
-            break
-        r = aq.mT  # (p, n)
-        for _ in range(2):  # full reorthogonalisation, twice is enough
-            coeff = torch.einsum("pjn,pn->pj", basis[:, : j + 1], r)
-            r = r - torch.einsum("pjn,pj->pn", basis[:, : j + 1], coeff)
-        beta = torch.linalg.vector_norm(r, dim=1)
-        anorm = torch.maximum(anorm, alphas[:, j].abs() + beta)
-        alive = beta > (n * eps) ** 0.5 * anorm
-        # On breakdown continue from a random vector orthogonal to the basis, with beta = 0.
-        fresh = _randn(n, p, op, generator).mT
-        for _ in range(2):
-            coeff = torch.einsum("pjn,pn->pj", basis[:, : j + 1], fresh)
-            fresh = fresh - torch.einsum("pjn,pj->pn", basis[:, : j + 1], coeff)
-        fresh = fresh / torch.linalg.vector_norm(fresh, dim=1, keepdim=True).clamp_min(eps)
-        safe_beta = torch.where(alive, beta, torch.ones_like(beta))
-        q = torch.where(alive[:, None], r / safe_beta[:, None], fresh).mT
-        betas[:, j] = torch.where(alive, beta, torch.zeros_like(beta))
+    with _progress(op, progress, p * s, "slq") as counted:
+        for j in range(s):
+            basis[:, j] = q.mT
+            aq = _apply(counted, q)
+            alphas[:, j] = (q * aq).sum(dim=0)
+            if j == s - 1:
+                break
+            r = aq.mT  # (p, n)
+            for _ in range(2):  # full reorthogonalisation, twice is enough
+                coeff = torch.einsum("pjn,pn->pj", basis[:, : j + 1], r)
+                r = r - torch.einsum("pjn,pj->pn", basis[:, : j + 1], coeff)
+            beta = torch.linalg.vector_norm(r, dim=1)
+            anorm = torch.maximum(anorm, alphas[:, j].abs() + beta)
+            alive = beta > (n * eps) ** 0.5 * anorm
+            # On breakdown continue from a random vector orthogonal to the basis, with beta = 0.
+            fresh = _randn(n, p, op, generator).mT
+            for _ in range(2):
+                coeff = torch.einsum("pjn,pn->pj", basis[:, : j + 1], fresh)
+                fresh = fresh - torch.einsum("pjn,pj->pn", basis[:, : j + 1], coeff)
+            fresh = fresh / torch.linalg.vector_norm(fresh, dim=1, keepdim=True).clamp_min(eps)
+            safe_beta = torch.where(alive, beta, torch.ones_like(beta))
+            q = torch.where(alive[:, None], r / safe_beta[:, None], fresh).mT
+            betas[:, j] = torch.where(alive, beta, torch.zeros_like(beta))
     tri = torch.diag_embed(alphas)
     if s > 1:
         tri = tri + torch.diag_embed(betas, offset=1) + torch.diag_embed(betas, offset=-1)
@@ -643,6 +756,7 @@ def spectral_density(
     sigma: float | None = None,
     *,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Spectral density by stochastic Lanczos quadrature with Gaussian broadening.
 
@@ -656,6 +770,7 @@ def spectral_density(
             ``[min node - 6 sigma, max node + 6 sigma]``.
         sigma: Gaussian width; default 1% of the node range (at least ``1e-3`` of the
             largest node magnitude; 1 for the zero operator).
+        progress: show a tqdm bar of the products (when tqdm is installed).
 
     Returns:
         ``(grid, density)``, both ``(g,)`` on the operator's device and dtype.
@@ -668,7 +783,9 @@ def spectral_density(
         raise ValueError(f"grid must be one-dimensional, got shape {tuple(grid.shape)}")
     if isinstance(grid, int):
         _check_count(grid, "grid", 2)
-    nodes, weights = slq_quadrature(op, num_probes, num_steps, generator=generator)
+    nodes, weights = slq_quadrature(
+        op, num_probes, num_steps, generator=generator, progress=progress
+    )
     lo, hi = nodes.min(), nodes.max()
     if sigma is None:
         width = torch.maximum(hi - lo, 1e-3 * nodes.abs().max())
