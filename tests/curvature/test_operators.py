@@ -5,10 +5,22 @@ import geoopt
 import pytest
 import torch
 from torch import nn
+from torch_geometric.nn import GCNConv
 
-from torsion.curvature._linop import DenseOperator
 from torsion.curvature._operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
-from torsion.manifolds import Stiefel
+from torsion.manifolds import (
+    SPDAffineInvariant,
+    SPDBuresWasserstein,
+    SPDLogEuclidean,
+    Stiefel,
+)
+from torsion.testing import (
+    LinearOperatorSuite,
+    OperatorCase,
+    dense_empirical_fisher,
+    dense_ggn,
+    dense_hessian,
+)
 
 F64 = torch.float64
 
@@ -68,77 +80,78 @@ def _batches(x, y, cuts):
     return [(x[a:b], y[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
-def _flat_fn(model, layout):
-    """theta -> model outputs on x, evaluated in eval mode on a copy (the oracle)."""
-    ref = copy.deepcopy(model).eval()
-
-    def outputs(theta, x):
-        return torch.func.functional_call(ref, layout.unflatten(theta), (x,))
-
-    return outputs
-
-
-def _layout(model):
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    n = sum(p.numel() for p in model.parameters())
-    return DenseOperator(torch.zeros(n, n, dtype=F64), param_shapes=shapes)
-
-
-def _theta(model, layout):
-    return layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-
-
 def _dense_hessian(model, loss_fn, x, y):
-    layout = _layout(model)
-    outputs = _flat_fn(model, layout)
-    return torch.func.hessian(lambda t: loss_fn(outputs(t, x), y))(_theta(model, layout))
+    return dense_hessian(model, loss_fn, (x, y))
 
 
-def _dense_ggn(model, loss_fn, x, y):
-    layout = _layout(model)
-    outputs = _flat_fn(model, layout)
-    theta = _theta(model, layout)
-    out = outputs(theta, x)
-    jac = torch.func.jacrev(lambda t: outputs(t, x))(theta).reshape(out.numel(), -1)
-    h = torch.func.hessian(lambda o: loss_fn(o.reshape(out.shape), y))(out.reshape(-1))
-    return jac.T @ h @ jac
+class _GCN(nn.Module):
+    """Two graph convolutions and a per-node readout (node regression)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = GCNConv(3, 4), GCNConv(4, 4)
+        self.readout = nn.Linear(4, 2)
+
+    def forward(self, x, edge_index):
+        h = torch.tanh(self.conv1(x, edge_index))
+        return self.readout(torch.tanh(self.conv2(h, edge_index)))
 
 
-def _dense_fisher(model, loss_fn, x, y):
-    layout = _layout(model)
-    outputs = _flat_fn(model, layout)
-    theta = _theta(model, layout)
-    grads = [
-        torch.func.grad(lambda t, i=i: loss_fn(outputs(t, x[i : i + 1]), y[i : i + 1]))(theta)
-        for i in range(len(y))
-    ]
-    g = torch.stack(grads)
-    return g.T @ g / len(y)
+def _random_graph(nodes, edges, generator):
+    src = torch.randint(0, nodes, (edges,), generator=generator)
+    dst = torch.randint(0, nodes, (edges,), generator=generator)
+    x = torch.randn(nodes, 3, dtype=F64, generator=generator)
+    y = torch.randn(nodes, 2, dtype=F64, generator=generator)
+    return x, torch.stack([torch.cat([src, dst]), torch.cat([dst, src])]), y
+
+
+def _gnn(generator):
+    """Three small graphs: one block-diagonal batch, and the graphs one by one."""
+    torch.manual_seed(3)
+    model = _GCN().to(F64)
+    graphs = [_random_graph(n, e, generator) for n, e in [(4, 5), (6, 7), (3, 2)]]
+    offsets = itertools.accumulate([0] + [g[0].shape[0] for g in graphs[:-1]])
+    batched = (
+        (
+            torch.cat([g[0] for g in graphs]),
+            torch.cat([g[1] + o for g, o in zip(graphs, offsets, strict=True)], dim=1),
+        ),
+        torch.cat([g[2] for g in graphs]),
+    )
+    return model, _sq, batched, [((x, e), y) for x, e, y in graphs]
 
 
 ORACLES = {
-    HessianOperator: _dense_hessian,
-    GGNOperator: _dense_ggn,
-    EmpiricalFisherOperator: _dense_fisher,
+    HessianOperator: dense_hessian,
+    GGNOperator: dense_ggn,
+    EmpiricalFisherOperator: dense_empirical_fisher,
 }
+CASES = [(problem, cls) for problem in PROBLEMS for cls in ORACLES] + [
+    ("gnn", HessianOperator),
+    ("gnn", GGNOperator),  # per-node Fisher needs the whole graph: not per-sample slices
+]
 
 
-@pytest.mark.parametrize("problem", PROBLEMS)
-@pytest.mark.parametrize("cls", list(ORACLES), ids=lambda c: c.__name__)
-def test_matches_dense_oracle_for_any_split(problem, cls, generator):
-    model, loss_fn, x, y = PROBLEMS[problem](generator)
-    model.train()  # the operator must use eval semantics anyway and leave this alone
-    dense = ORACLES[cls](model, loss_fn, x, y)
-    results = []
-    for cuts in SPLITS:
-        op = cls(model, loss_fn, _batches(x, y, cuts))
-        assert op.shape == dense.shape and op.dtype == F64
-        results.append(op.to_dense())
-        torch.testing.assert_close(results[-1], dense, atol=1e-10, rtol=0)
-    torch.testing.assert_close(results[0], results[1], atol=1e-12, rtol=0)
-    torch.testing.assert_close(results[0], results[0].mT, atol=1e-12, rtol=0)
-    torch.testing.assert_close(op.to_dense(), results[1], atol=0, rtol=0)  # deterministic
-    assert model.training and all(m.training for m in model.modules())
+class TestModelOperators(LinearOperatorSuite):
+    """MLP (MSE, cross-entropy), CNN with BatchNorm, GCN: one batch and split data."""
+
+    @pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-{c[1].__name__}")
+    def case(self, request):
+        problem, cls = request.param
+        generator = torch.Generator().manual_seed(0)
+        if problem == "gnn":
+            model, loss_fn, whole, split = _gnn(generator)
+            data = [whole, split]
+        else:
+            model, loss_fn, x, y = PROBLEMS[problem](generator)
+            whole = (x, y)
+            data = [_batches(x, y, cuts) for cuts in SPLITS]
+        model.train()  # the operators must use eval semantics anyway and leave this alone
+        return OperatorCase(
+            operators=[cls(model, loss_fn, d) for d in data],
+            dense=ORACLES[cls](model, loss_fn, whole),
+            model=model,
+        )
 
 
 @pytest.mark.parametrize(
@@ -337,6 +350,59 @@ def test_riemannian_hessian_matches_finite_differences(generator):
     out = HessianOperator(model, loss_fn, (x, y), riemannian=True) @ {"w": u_w, "b": u_b}
     torch.testing.assert_close(out["w"], fd_w, atol=1e-8, rtol=0)
     torch.testing.assert_close(out["b"], fd_b, atol=1e-8, rtol=0)
+
+
+class _ManifoldRegression(nn.Module):
+    def __init__(self, manifold, shape, generator):
+        super().__init__()
+        point = manifold.random(*shape, dtype=F64, generator=generator)
+        self.w = geoopt.ManifoldParameter(point, manifold=manifold)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w[:, :2])
+
+
+RIEMANNIAN_CASES = {
+    "stiefel-euclidean": (Stiefel(), (4, 2)),
+    "stiefel-canonical": (Stiefel(metric="canonical"), (4, 2)),
+    "spd-affine-invariant": (SPDAffineInvariant(), (4, 4)),
+    "spd-log-euclidean": (SPDLogEuclidean(), (4, 4)),
+    "spd-bures-wasserstein": (SPDBuresWasserstein(), (4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", RIEMANNIAN_CASES)
+def test_riemannian_hessian_is_the_second_derivative_along_geodesics(name, generator):
+    """<v, Hess f(x)[u]>_x by polarization of d^2/dt^2 f(exp_x(t w)) at t = 0.
+
+    Along a geodesic the second derivative of the cost is the Riemannian Hessian's
+    quadratic form, for any metric (embedded or not)."""
+    manifold, shape = RIEMANNIAN_CASES[name]
+    model = _ManifoldRegression(manifold, shape, generator)
+    x = torch.randn(9, 4, dtype=F64, generator=generator)
+    y = torch.randn(9, 2, dtype=F64, generator=generator)
+    point = model.w.detach().clone()
+    op = HessianOperator(model, _sq, [(x[:4], y[:4]), (x[4:], y[4:])], riemannian=True)
+
+    def cost(w):
+        return _sq(torch.tanh(x @ w[:, :2]), y)
+
+    def second_derivative(w, h=1e-4):
+        return (
+            cost(manifold.expmap(point, h * w))
+            - 2 * cost(point)
+            + cost(manifold.expmap(point, -h * w))
+        ) / h**2
+
+    u, v = (manifold.random_tangent(point, generator=generator) for _ in range(2))
+    hu = op @ {"w": u}
+    assert torch.equal(model.w.detach(), point)
+    torch.testing.assert_close(manifold.proju(point, hu["w"]), hu["w"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        manifold.inner(point, u, hu["w"]), second_derivative(u), atol=1e-6, rtol=1e-6
+    )
+    polarized = (second_derivative(u + v) - second_derivative(u - v)) / 4
+    torch.testing.assert_close(manifold.inner(point, v, hu["w"]), polarized, atol=1e-6, rtol=1e-6)
 
 
 def test_riemannian_needs_ehess2rhess(generator):
