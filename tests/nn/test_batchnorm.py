@@ -1,0 +1,121 @@
+import copy
+
+import pytest
+import torch
+
+from tests.nn._spd import F64, random_spd
+from torsion.linalg import sym_expm, sym_logm, sym_sqrtm
+from torsion.manifolds import SPDAffineInvariant, SPDLogCholesky, SPDLogEuclidean
+from torsion.nn import SPDBatchNorm
+
+MANIFOLDS = {"airm": SPDAffineInvariant(), "lem": SPDLogEuclidean(), "lcm": SPDLogCholesky()}
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)
+
+
+def _frechet_mean(metric, points):
+    return MANIFOLDS[metric].frechet_mean(points, tol=1e-12, max_iter=200).mean
+
+
+def _dispersion(metric, points, mean):
+    return MANIFOLDS[metric].dist(mean.expand_as(points), points).square().mean()
+
+
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_training_output_has_the_bias_as_mean_and_scale_as_spread(metric, generator):
+    layer = SPDBatchNorm(4, metric, karcher_steps=30, eps=0.0, dtype=F64)
+    bias = random_spd(n=4, generator=generator)
+    with torch.no_grad():
+        layer.bias.copy_(bias)
+        layer.scale.fill_(0.7)
+    x = random_spd(16, n=4, generator=generator, spread=1.5)
+    y = layer(x)
+    torch.testing.assert_close(_frechet_mean(metric, y), bias, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(
+        _dispersion(metric, y, bias), torch.tensor(0.49, dtype=F64), atol=1e-8, rtol=1e-8
+    )
+
+
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_running_mean_converges_to_the_distribution_mean(metric, generator):
+    """Batches ``X = M * exp(S)`` with ``S`` symmetric about zero: the Fréchet mean is ``M``."""
+    mean = random_spd(n=3, generator=generator)
+    layer = SPDBatchNorm(3, metric, momentum=0.1, dtype=F64)
+
+    def sample(count):
+        s = torch.randn(count, 3, 3, dtype=F64, generator=generator) * 0.3
+        s = (s + s.mT) / 2
+        if metric == "airm":
+            root = sym_sqrtm(mean)
+            return root @ sym_expm(s) @ root
+        if metric == "lem":
+            return sym_expm(sym_logm(mean) + s)
+        factor = torch.linalg.cholesky(mean)
+        lower = factor.tril(-1) + s.tril(-1)
+        diag = factor.diagonal().log() + s.diagonal(dim1=-2, dim2=-1)
+        chol = lower + torch.diag_embed(diag.exp())
+        return chol @ chol.mT
+
+    for _ in range(150):
+        layer(sample(64))
+    distance = MANIFOLDS[metric].dist(layer.running_mean, mean)
+    assert distance < 0.03, distance
+    assert 0.1 < layer.running_var < 1.0
+
+
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_eval_mode_uses_the_running_statistics(metric, generator):
+    layer = SPDBatchNorm(3, metric, dtype=F64)
+    for _ in range(3):
+        layer(random_spd(8, n=3, generator=generator))
+    layer.eval()
+    x = random_spd(5, n=3, generator=generator)
+    running = (layer.running_mean.clone(), layer.running_var.clone())
+    y = layer(x)
+    assert torch.equal(layer.running_mean, running[0]) and torch.equal(
+        layer.running_var, running[1]
+    )
+    # a batch of one is normalised by the running statistics, not its own
+    torch.testing.assert_close(layer(x[:1]), y[:1])
+    factor = 1 / torch.sqrt(running[1] + layer.eps)
+    if metric == "lem":
+        torch.testing.assert_close(y, sym_expm(factor * (sym_logm(x) - sym_logm(running[0]))))
+
+
+def test_gradients_flow_and_are_finite_at_identity_inputs():
+    for metric in MANIFOLDS:
+        layer = SPDBatchNorm(3, metric, dtype=F64)
+        x = torch.eye(3, dtype=F64).repeat(4, 1, 1).requires_grad_()
+        layer(x).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        assert torch.isfinite(layer.bias.grad).all() and torch.isfinite(layer.scale.grad)
+
+
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_gradcheck(metric, generator):
+    layer = SPDBatchNorm(3, metric, dtype=F64)
+    x = random_spd(4, n=3, generator=generator).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: layer(a), (x,))
+
+
+def test_state_dict_round_trip_keeps_running_statistics(generator):
+    layer = SPDBatchNorm(3, "airm", dtype=F64)
+    for _ in range(3):
+        layer(random_spd(8, n=3, generator=generator))
+    fresh = SPDBatchNorm(3, "airm", dtype=F64)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.running_mean, layer.running_mean)
+    layer.eval(), fresh.eval()
+    x = random_spd(2, n=3, generator=generator)
+    torch.testing.assert_close(fresh(x), layer(x))
+    torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="metric"):
+        SPDBatchNorm(3, "euclidean")
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\)"):
+        SPDBatchNorm(3)(torch.eye(4).expand(2, 4, 4))

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from tests.nn._spd import F64, eigvals, random_spd
+from torsion.linalg import sym_expm, sym_logm
+from torsion.manifolds import SPDAffineInvariant
+from torsion.nn import SPDConv
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)
+
+
+def _graph(generator):
+    x = random_spd(6, n=5, generator=generator)
+    edge_index = torch.tensor([[0, 1, 2, 3, 4, 0, 2, 2], [1, 2, 3, 4, 0, 3, 1, 1]])  # 5 is isolated
+    weight = torch.rand(8, dtype=F64, generator=generator) + 0.1
+    return x, edge_index, weight
+
+
+@pytest.mark.parametrize("aggregation", ["log_euclidean", "affine_invariant"])
+def test_outputs_are_spd_and_permutation_equivariant(aggregation, generator):
+    conv = SPDConv(5, 3, aggregation, dtype=F64)
+    x, edge_index, weight = _graph(generator)
+    y = conv(x, edge_index, weight)
+    assert y.shape == (6, 3, 3) and (eigvals(y) > 0).all()
+    perm = torch.randperm(6, generator=generator)
+    inverse = torch.argsort(perm)
+    y_perm = conv(x[perm], inverse[edge_index], weight)
+    torch.testing.assert_close(y_perm, y[perm])
+
+
+def _set_step(conv, t):
+    with torch.no_grad():
+        conv.step.fill_(t)
+
+
+def test_log_euclidean_aggregation_is_the_closed_form_mean(generator):
+    conv = SPDConv(5, 3, dtype=F64)
+    _set_step(conv, 1.0)  # the output is then the aggregated mean itself
+    x, edge_index, weight = _graph(generator)
+    y = conv(x, edge_index, weight)
+    messages = conv.message_map(x)
+    for node in range(5):
+        into = edge_index[1] == node
+        logs = sym_logm(messages[edge_index[0, into]])
+        w = weight[into]
+        expected = sym_expm((w[:, None, None] * logs).sum(0) / w.sum())
+        torch.testing.assert_close(y[node], expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(y[5], conv.root_map(x[5]))  # isolated: the root term
+
+
+def test_affine_invariant_aggregation_is_the_weighted_karcher_mean(generator):
+    conv = SPDConv(5, 3, "affine_invariant", karcher_steps=30, dtype=F64)
+    _set_step(conv, 1.0)
+    x, edge_index, weight = _graph(generator)
+    y = conv(x, edge_index, weight)
+    messages = conv.message_map(x)
+    into = edge_index[1] == 1  # three incoming edges, one duplicated
+    mean = (
+        SPDAffineInvariant()
+        .frechet_mean(messages[edge_index[0, into]], weight[into], tol=1e-12, max_iter=200)
+        .mean
+    )
+    torch.testing.assert_close(y[1], mean, atol=1e-9, rtol=0)
+
+
+def test_step_zero_keeps_the_root_and_gradients_reach_every_parameter(generator):
+    conv = SPDConv(5, 3, dtype=F64)
+    x, edge_index, weight = _graph(generator)
+    _set_step(conv, 0.0)
+    torch.testing.assert_close(conv(x, edge_index), conv.root_map(x))
+    _set_step(conv, 0.4)
+    conv(x, edge_index, weight).square().sum().backward()
+    for name, p in conv.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_empty_graph_and_bad_input(generator):
+    conv = SPDConv(5, 3, dtype=F64)
+    empty = conv(torch.empty(0, 5, 5, dtype=F64), torch.empty(2, 0, dtype=torch.long))
+    assert empty.shape == (0, 3, 3)
+    x, edge_index, _ = _graph(generator)
+    with pytest.raises(ValueError, match="edge_weight"):
+        conv(x, edge_index, torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match=r"\(2, E\)"):
+        conv(x, edge_index[0])
+    with pytest.raises(ValueError, match="aggregation"):
+        SPDConv(5, 3, "mean")
