@@ -178,3 +178,27 @@ def test_state_dict_and_deepcopy(generator):
     fresh = _spdnet().double()
     fresh.load_state_dict(net.state_dict())
     torch.testing.assert_close(fresh(x), net(x))
+
+
+def test_spdnet_with_batchnorm_trains_with_riemannian_adam(generator):
+    from torsion.nn import SPDBatchNorm
+    from torsion.optim import RiemannianAdam
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        BiMap(6, 4), ReEig(), SPDBatchNorm(4), LogEig(), SPDVectorize(), torch.nn.Linear(10, 2)
+    ).double()
+    x = random_spd(32, n=6, generator=generator)
+    y = (x.diagonal(dim1=-2, dim2=-1)[:, 0] > x.diagonal(dim1=-2, dim2=-1)[:, 1]).long()
+    optimizer = RiemannianAdam(model.parameters(), lr=5e-2)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    w = model[0].weight.detach()[0, 0]
+    torch.testing.assert_close(w.mT @ w, torch.eye(4, dtype=F64), atol=1e-10, rtol=0)
+    assert (eigvals(model[2].bias.detach()) > 0).all()
