@@ -18,6 +18,8 @@ __all__ = ["kernel_environment", "main"]
 TOUR = [
     "linalg/plot_spd_log_gradients.py",
     "manifolds/plot_spd_frechet_means.py",
+    "curvature/plot_edge_of_stability.py",
+    "curvature/plot_hessian_spectral_density.py",
 ]
 
 DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]
