@@ -33,6 +33,7 @@ def test_info_reports_versions_and_devices(capsys):
     assert "devices         cpu" in out
     for key in ("registry", "triton", "cuda", "TRITON_INTERPRET"):
         assert f"  {key} " in out
+    assert "reference (any; float32, float64)" in out  # the kernels' registry
 
 
 def test_info_reports_triton_interpret(monkeypatch):

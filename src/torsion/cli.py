@@ -33,13 +33,15 @@ def _version(distribution: str) -> str:
 
 
 def kernel_environment() -> dict[str, str]:
-    """What a kernel backend could use here, as facts: no registry exists yet.
+    """The registered tensor-product backends and what a Triton backend would need.
 
-    ``torsion.kernels`` (the backend registry) is planned; until it lands this reports only
-    whether Triton imports, whether CUDA is available and whether ``TRITON_INTERPRET`` is
-    set, which is what the Triton backend will need.
+    ``registry`` lists each backend of :mod:`torsion.kernels` with its devices and dtypes
+    (imported here, lazily: it imports e3nn); the rest are facts: whether Triton imports,
+    whether CUDA is available and whether ``TRITON_INTERPRET`` is set.
     """
     import torch
+
+    from torsion.kernels import backend_info
 
     try:
         import triton
@@ -51,8 +53,12 @@ def kernel_environment() -> dict[str, str]:
         )
     else:
         triton_state = f"importable ({triton.__version__})"
+    registry = "; ".join(
+        f"{info.name} ({', '.join(info.devices)}; {', '.join(info.dtypes)})"
+        for info in backend_info()
+    )
     return {
-        "registry": "none yet (torsion.kernels is planned)",
+        "registry": registry,
         "triton": triton_state,
         "cuda": "available" if torch.cuda.is_available() else "unavailable",
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "unset"),
