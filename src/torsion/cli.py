@@ -20,6 +20,7 @@ TOUR = [
     "manifolds/plot_spd_frechet_means.py",
     "curvature/plot_edge_of_stability.py",
     "curvature/plot_hessian_spectral_density.py",
+    "nn/plot_spdnet_digits.py",
 ]
 
 DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]

@@ -6,6 +6,9 @@ needs pytest.
 * :class:`LinearOperatorSuite` with :class:`OperatorCase`: properties every curvature
   operator must have, against the dense oracles :func:`dense_hessian`, :func:`dense_ggn`
   and :func:`dense_empirical_fisher`.
+* :class:`OptimizerSuite` with :class:`OptimizationProblem`: Riemannian problems with known
+  optima (eigenspaces, Procrustes, Karcher means) every optimizer must solve, iterates on
+  the manifold; :func:`optimization_problems` builds them.
 """
 
 from torsion.testing._manifold_suite import ManifoldSuite
@@ -16,12 +19,20 @@ from torsion.testing._operator_suite import (
     dense_ggn,
     dense_hessian,
 )
+from torsion.testing._optimizer_suite import (
+    OptimizationProblem,
+    OptimizerSuite,
+    optimization_problems,
+)
 
 __all__ = [
     "LinearOperatorSuite",
     "ManifoldSuite",
     "OperatorCase",
+    "OptimizationProblem",
+    "OptimizerSuite",
     "dense_empirical_fisher",
     "dense_ggn",
     "dense_hessian",
+    "optimization_problems",
 ]
