@@ -1,0 +1,647 @@
+"""Learnable polynomial spectral filters as ``MessagePassing`` layers.
+
+Each layer computes ``g(S) x = sum_k c_k p_k(S) x`` for a normalized graph operator ``S``
+(spectrum in ``[-1, 1]``), a polynomial basis ``p_0 .. p_K`` and learnable coefficients,
+by sparse products only: no eigendecomposition. Whatever the basis, a degree-``K`` filter
+costs exactly ``K`` sparse products (``propagate`` calls) per forward pass:
+
+* bases with a three-term recurrence of their own (monomials, Jacobi, the learned
+  orthonormal bases of OptBasisGNN / FavardGNN) run it directly;
+* BernNet's Bernstein basis and ChebNetII's values at Chebyshev nodes are first mapped to
+  Chebyshev coefficients by a fixed ``(K + 1) x (K + 1)`` matrix (see
+  :mod:`torsion.spectral._polynomials`); BernNet's reference implementation recomputes
+  powers and spends ``K (K + 3) / 2`` products (65 at ``K = 10``).
+
+Operators. ``A`` is the weighted adjacency matrix (self-loops in the input are kept as
+edges), ``D`` its degree matrix, ``Â = D^{-1/2} A D^{-1/2}`` (computed by PyG's
+``gcn_norm``; isolated nodes get a zero row) and ``L = I - Â`` the normalized Laplacian,
+whose spectrum lies in ``[0, 2]``. With ``add_self_loops=True``, ``A`` first gets a unit
+self-loop on every node that has none (GCN's renormalization trick). The filters assume
+an undirected graph (both directions of each edge present); on a directed graph they
+apply the same polynomial to the non-symmetric operator.
+
+Sparse products. Each call assembles the normalized operator once as a compressed sparse
+row (CSR) matrix, and its transpose for the backward pass, so every product is one CSR x
+dense multiplication (about 6x faster than PyG's gather/scatter message passing on CPU at
+10^5 nodes, 10^6 edges and 64 channels). Merging duplicate edges costs one host
+synchronisation per call (adding self-loops another, inside PyG's ``gcn_norm``);
+``cached=True`` builds the operator once for a fixed graph. When ``edge_weight`` requires
+a gradient, messages are gathered and scattered edge by edge instead, so the gradient
+reaches the weights. Either way a product is one ``propagate`` call.
+
+PyG's :class:`torch_geometric.nn.conv.ChebConv` already implements the classic Chebyshev
+filter with one weight matrix per order; it is not duplicated here.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+from torch_geometric.nn import MessagePassing
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.utils import coalesce
+
+from torsion.spectral._polynomials import (
+    Recurrence,
+    bernstein_to_chebyshev,
+    chebyshev_interpolation_matrix,
+    chebyshev_recurrence,
+    jacobi_recurrence,
+    monomial_recurrence,
+    recurrence_filter,
+)
+
+__all__ = ["BernConv", "ChebIIConv", "GPRConv", "JacobiConv", "OptBasisConv"]
+
+
+def _check_degree(name: str, K: int) -> int:
+    if isinstance(K, bool) or not isinstance(K, int):
+        raise TypeError(f"{name} expects an integer polynomial degree K, got {type(K).__name__}")
+    if K < 0:
+        raise ValueError(f"{name} expects a polynomial degree K >= 0, got K={K}")
+    return K
+
+
+def _check_channels(name: str, channels: int) -> int:
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"{name} expects a positive integer number of channels, got {channels!r}")
+    return channels
+
+
+def _check_channels_match(name: str, channels: int, x: Tensor) -> None:
+    if x.size(-1) != channels:
+        raise ValueError(
+            f"{name} was built for {channels} channels, got x with {x.size(-1)} "
+            f"(shape {tuple(x.shape)})"
+        )
+
+
+def _check_graph(
+    name: str, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, check: bool
+) -> None:
+    """Shape and dtype checks (free), and with ``check=True`` value checks (a host sync)."""
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
+        raise ValueError(
+            f"{name} expects node features x of shape (num_nodes, channels) with a floating "
+            f"dtype, got {_describe(x)}"
+        )
+    if (
+        not isinstance(edge_index, Tensor)
+        or edge_index.dtype not in (torch.int64, torch.int32)
+        or edge_index.dim() != 2
+        or edge_index.size(0) != 2
+    ):
+        raise ValueError(
+            f"{name} expects edge_index of shape (2, num_edges) with an integer dtype, got "
+            f"{_describe(edge_index)}"
+        )
+    if edge_index.device != x.device:
+        raise ValueError(f"{name}: edge_index is on {edge_index.device} but x on {x.device}")
+    if edge_weight is not None:
+        if (
+            not isinstance(edge_weight, Tensor)
+            or not edge_weight.dtype.is_floating_point
+            or edge_weight.shape != (edge_index.size(1),)
+        ):
+            raise ValueError(
+                f"{name} expects edge_weight of shape ({edge_index.size(1)},) (one per edge) "
+                f"with a floating dtype, got {_describe(edge_weight)}"
+            )
+    if not check:
+        return
+    n = x.size(0)
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= n):
+        raise ValueError(
+            f"{name}: edge_index holds node indices outside [0, {n}) "
+            f"(min {int(edge_index.min())}, max {int(edge_index.max())})"
+        )
+    if edge_weight is not None and edge_weight.numel():
+        if not bool(torch.isfinite(edge_weight).all()):
+            raise ValueError(f"{name}: edge_weight has non-finite entries (NaN or Inf)")
+        if bool((edge_weight < 0).any()):
+            raise ValueError(
+                f"{name}: edge_weight has negative entries; the normalized operator's spectrum "
+                "is then not confined to [-1, 1]"
+            )
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+    return f"a {type(t).__name__}"
+
+
+@dataclass(frozen=True)
+class _Operator:
+    """The normalized operator ``S`` in one of two forms.
+
+    Sparse form: ``adj_t`` is ``S`` as a CSR matrix (row = target node) and ``adj`` its
+    transpose, ``weight`` is ``None``. Edge form: ``adj_t`` is the ``(2, E)`` edge index,
+    ``weight`` the normalized edge weights and ``adj`` is ``None``.
+    """
+
+    adj_t: Tensor
+    weight: Tensor | None
+    adj: Tensor | None
+
+
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, n: int) -> Tensor:
+    """An ``n x n`` CSR matrix from coordinates; duplicate entries are summed."""
+    index, values = coalesce(torch.stack([rows, cols]), values, n)
+    counts = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    counts.scatter_add_(0, index[0] + 1, torch.ones_like(index[0]))
+    with warnings.catch_warnings():
+        # torch flags every CSR tensor as beta; matrix products on them are what we use.
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.cumsum(counts, 0), index[1], values, (n, n), check_invariants=False
+        )
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """``adj_t @ x`` with the backward ``adj @ grad`` by a prebuilt transpose.
+
+    torch's own backward of a CSR product transposes the matrix on every call; building
+    the transpose once per forward makes the backward as cheap as the forward. The
+    backward is itself this function, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, adj_t: Tensor, adj: Tensor, x: Tensor) -> Tensor:
+        ctx.adj_t, ctx.adj = adj_t, adj
+        return adj_t @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, None, _SparseMatmul.apply(ctx.adj, ctx.adj_t, grad)
+
+
+class _PolynomialFilter(MessagePassing, abc.ABC):
+    """Shared plumbing: input checks, the normalized operator, one ``propagate`` per product.
+
+    Subclasses implement :meth:`_filter`, which receives ``apply`` (``h -> S h``, one
+    ``propagate`` call) and must call it exactly ``K`` times.
+    """
+
+    # Propagate with a multiple of Â. BernNet and ChebNetII use -Â = L - I; they run the
+    # Chebyshev recurrence in 2(L - I), which saves one elementwise pass per product.
+    _operator_scale: float = 1.0
+
+    def __init__(self, K: int, *, add_self_loops: bool, cached: bool, check: bool) -> None:
+        super().__init__(aggr="add")
+        self.K = _check_degree(type(self).__name__, K)
+        self.add_self_loops = bool(add_self_loops)
+        self.cached = bool(cached)
+        self.check = bool(check)
+        self._cached_operator: _Operator | None = None
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._cached_operator = None
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        """Filter the node signal ``x`` on the graph ``edge_index``.
+
+        Args:
+            x: node features.
+            edge_index: edges ``source -> target``, both directions for an undirected graph.
+            edge_weight: optional nonnegative edge weights (default 1).
+
+        Shapes:
+            ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``;
+            output: ``(N, C)``.
+        """
+        _check_graph(type(self).__name__, x, edge_index, edge_weight, self.check)
+        op = self._operator(x, edge_index, edge_weight)
+
+        def apply(h: Tensor) -> Tensor:
+            return self.propagate(op.adj_t, x=h, edge_weight=op.weight, adj=op.adj)
+
+        return self._filter(x, apply)
+
+    def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
+        return edge_weight.unsqueeze(-1) * x_j
+
+    def message_and_aggregate(self, adj_t: Tensor, x: Tensor, adj: Tensor) -> Tensor:
+        return _SparseMatmul.apply(adj_t, adj, x)
+
+    def _operator(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> _Operator:
+        """The normalized operator ``_operator_scale * Â``, in sparse or edge form."""
+        if self._cached_operator is not None:
+            return self._cached_operator
+        n = x.size(0)
+        if edge_weight is not None:
+            edge_weight = edge_weight.to(x.dtype)
+        index, weight = gcn_norm(
+            edge_index, edge_weight, n, add_self_loops=self.add_self_loops, dtype=x.dtype
+        )
+        if self._operator_scale != 1.0:
+            weight = self._operator_scale * weight
+        if edge_weight is not None and edge_weight.requires_grad:
+            op = _Operator(adj_t=index, weight=weight, adj=None)
+        else:
+            src, dst = index[0], index[1]
+            op = _Operator(
+                adj_t=_csr(dst, src, weight, n), weight=None, adj=_csr(src, dst, weight, n)
+            )
+        if self.cached:
+            self._cached_operator = op
+        return op
+
+    @abc.abstractmethod
+    def _filter(self, x: Tensor, apply) -> Tensor:
+        """The filtered signal, with exactly ``K`` calls of ``apply``."""
+
+    def extra_repr(self) -> str:
+        return f"K={self.K}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class GPRConv(_PolynomialFilter):
+    """Generalized PageRank propagation (GPR-GNN): ``sum_k gamma_k Ã^k x``.
+
+    ``Ã`` is the GCN operator ``D̃^{-1/2} (A + I) D̃^{-1/2}`` (``add_self_loops=True``, as in
+    the paper), and the ``K + 1`` weights ``gamma`` are learned, one set shared by all
+    channels. They start at the personalized-PageRank weights ``alpha (1 - alpha)^k``, with
+    ``(1 - alpha)^K`` for the last, so an untrained layer is APPNP truncated at ``K`` hops.
+    Spectral response: ``g(mu) = sum_k gamma_k mu^k`` on the eigenvalues ``mu`` of ``Ã``.
+    Cost: ``K`` sparse products (monomial recurrence).
+
+    Reference: E. Chien, J. Peng, P. Li, O. Milenkovic, "Adaptive Universal Generalized
+    PageRank Graph Neural Network", ICLR 2021.
+
+    Args:
+        K: polynomial degree (number of hops), ``>= 0``. Default 10.
+        alpha: teleport probability of the PageRank initialisation, in ``(0, 1]``.
+            Default 0.1.
+        add_self_loops: use ``A + I`` (default ``True``).
+        cached: keep the normalized operator of the first call (transductive use only).
+        check: validate edge indices and weights on every call (host syncs; default off).
+
+    Shapes:
+        ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``; output
+        ``(N, C)``.
+
+    Example:
+        >>> edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+        >>> conv = GPRConv(K=2, alpha=1.0)  # gamma = (1, 0, 0): the identity
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(conv(x, edge_index), x)
+        True
+    """
+
+    def __init__(
+        self,
+        K: int = 10,
+        alpha: float = 0.1,
+        *,
+        add_self_loops: bool = True,
+        cached: bool = False,
+        check: bool = False,
+    ) -> None:
+        super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"GPRConv expects alpha in (0, 1], got {alpha}")
+        self.alpha = float(alpha)
+        self.gamma = Parameter(torch.empty(self.K + 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        k = torch.arange(self.K + 1, dtype=torch.float64)
+        ppr = self.alpha * (1.0 - self.alpha) ** k
+        ppr[-1] = (1.0 - self.alpha) ** self.K
+        with torch.no_grad():
+            self.gamma.copy_(ppr)
+
+    def _filter(self, x: Tensor, apply) -> Tensor:
+        coeffs = self.gamma.to(x.dtype)  # the layer follows its input's dtype
+        return recurrence_filter(apply, x, coeffs, monomial_recurrence(self.K))
+
+    def extra_repr(self) -> str:
+        return f"K={self.K}, alpha={self.alpha}"
+
+
+class BernConv(_PolynomialFilter):
+    """BernNet: a nonnegative Bernstein polynomial of the normalized Laplacian.
+
+    ``g(L) x = sum_k relu(theta_k) binom(K, k) / 2^K (2I - L)^(K - k) L^k x`` with
+    ``L = I - Â`` (spectrum in ``[0, 2]``). Nonnegative Bernstein coefficients give a
+    nonnegative response ``g(lambda) >= 0`` on ``[0, 2]``, as in the paper; the
+    coefficients start at 1, whose response is the constant 1 (the identity filter).
+
+    Evaluation: the Bernstein coefficients are mapped to Chebyshev coefficients in
+    ``t = lambda - 1`` by a fixed ``(K + 1) x (K + 1)`` matrix, then the Chebyshev
+    recurrence on ``L - I = -Â`` runs with exactly ``K`` sparse products. BernNet's
+    reference code computes each ``(2I - L)^(K - k) L^k x`` from powers and spends
+    ``K (K + 3) / 2`` products (65 at ``K = 10``).
+
+    Reference: M. He, Z. Wei, Z. Huang, H. Xu, "BernNet: Learning Arbitrary Graph Spectral
+    Filters via Bernstein Approximation", NeurIPS 2021.
+
+    Args:
+        K: polynomial degree, ``>= 0``. Default 10.
+        add_self_loops: build ``L`` from ``A + I`` (default ``False``, as in the paper).
+        cached: keep the normalized operator of the first call (transductive use only).
+        check: validate edge indices and weights on every call (host syncs; default off).
+
+    Shapes:
+        ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``; output
+        ``(N, C)``.
+
+    Example:
+        >>> edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+        >>> x = torch.randn(3, 4, dtype=torch.float64)
+        >>> # Bernstein polynomials sum to one: unit coefficients give the identity.
+        >>> torch.allclose(BernConv(K=5)(x, edge_index), x)
+        True
+    """
+
+    _operator_scale = -2.0  # 2 (L - I)
+
+    def __init__(
+        self,
+        K: int = 10,
+        *,
+        add_self_loops: bool = False,
+        cached: bool = False,
+        check: bool = False,
+    ) -> None:
+        super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
+        self.theta = Parameter(torch.empty(self.K + 1))
+        self.register_buffer("to_chebyshev", bernstein_to_chebyshev(self.K), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.theta.fill_(1.0)
+
+    def chebyshev_coefficients(self) -> Tensor:
+        """Chebyshev coefficients in ``t = lambda - 1`` (float64), shape ``(K + 1,)``."""
+        return self.to_chebyshev.to(torch.float64) @ torch.relu(self.theta).to(torch.float64)
+
+    def _filter(self, x: Tensor, apply) -> Tensor:
+        coeffs = self.chebyshev_coefficients().to(x.dtype)
+        return recurrence_filter(apply, x, coeffs, chebyshev_recurrence(self.K, doubled=True))
+
+
+class ChebIIConv(_PolynomialFilter):
+    """ChebNetII: Chebyshev interpolation of learned values at Chebyshev nodes.
+
+    The ``K + 1`` parameters ``gamma_j`` are the filter's values at the Chebyshev nodes
+    ``x_j = cos((K - j + 1/2) pi / (K + 1))`` (ascending) of ``t = lambda - 1``, with
+    ``lambda`` the eigenvalues of ``L = I - Â``. The response is the degree-``K``
+    interpolant of ``(x_j, relu(gamma_j))``:
+
+        ``g(t) = 2 / (K + 1) sum_k' sum_j relu(gamma_j) T_k(x_j) T_k(t)``
+
+    (the ``k = 0`` term halved), evaluated by the Chebyshev recurrence on ``L - I = -Â``
+    with exactly ``K`` sparse products. As in the reference code, the values pass through
+    a ReLU and start at 1 (the identity filter).
+
+    Reference: M. He, Z. Wei, J.-R. Wen, "Convolutional Neural Networks on Graphs with
+    Chebyshev Approximation, Revisited", NeurIPS 2022.
+
+    Args:
+        K: polynomial degree, ``>= 0``. Default 10.
+        add_self_loops: build ``L`` from ``A + I`` (default ``False``, as in the paper).
+        cached: keep the normalized operator of the first call (transductive use only).
+        check: validate edge indices and weights on every call (host syncs; default off).
+
+    Shapes:
+        ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``; output
+        ``(N, C)``.
+
+    Example:
+        >>> edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+        >>> x = torch.randn(3, 4, dtype=torch.float64)
+        >>> torch.allclose(ChebIIConv(K=4)(x, edge_index), x)  # all values 1: identity
+        True
+    """
+
+    _operator_scale = -2.0  # 2 (L - I)
+
+    def __init__(
+        self,
+        K: int = 10,
+        *,
+        add_self_loops: bool = False,
+        cached: bool = False,
+        check: bool = False,
+    ) -> None:
+        super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
+        self.gamma = Parameter(torch.empty(self.K + 1))
+        self.register_buffer(
+            "interpolation", chebyshev_interpolation_matrix(self.K), persistent=False
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.gamma.fill_(1.0)
+
+    def chebyshev_coefficients(self) -> Tensor:
+        """Chebyshev coefficients in ``t = lambda - 1`` (float64), shape ``(K + 1,)``."""
+        return self.interpolation.to(torch.float64) @ torch.relu(self.gamma).to(torch.float64)
+
+    def _filter(self, x: Tensor, apply) -> Tensor:
+        coeffs = self.chebyshev_coefficients().to(x.dtype)
+        return recurrence_filter(apply, x, coeffs, chebyshev_recurrence(self.K, doubled=True))
+
+
+class JacobiConv(_PolynomialFilter):
+    """JacobiConv: a per-channel polynomial in the Jacobi basis ``P_k^{(a, b)}`` of ``Â``.
+
+    ``out[:, c] = sum_k w_{k, c} (prod_{i < k} s_i) P_k^{(a, b)}(Â) x[:, c]`` with one
+    coefficient per order and channel (``w``, starting at 1) and the paper's polynomial
+    coefficient decomposition ``s_i = alpha * tanh(eta_i)`` shared by all channels
+    (``eta`` starts at ``min(1 / alpha, 1)``, as in the reference code). ``Â`` has its
+    spectrum in ``[-1, 1]``, the Jacobi polynomials' interval. The Jacobi three-term
+    recurrence runs with exactly ``K`` sparse products.
+
+    Reference: X. Wang, M. Zhang, "How Powerful are Spectral Graph Neural Networks",
+    ICML 2022.
+
+    Args:
+        channels: number of feature channels ``C``.
+        K: polynomial degree, ``>= 0``. Default 10.
+        a, b: Jacobi parameters, both ``> -1``. Default 1.0 and 1.0.
+        alpha: scale of the coefficient decomposition, ``> 0``. Default 1.0.
+        add_self_loops: use ``A + I`` (default ``False``, as in the paper).
+        cached: keep the normalized operator of the first call (transductive use only).
+        check: validate edge indices and weights on every call (host syncs; default off).
+
+    Shapes:
+        ``x``: ``(N, channels)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``;
+        output ``(N, channels)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        K: int = 10,
+        a: float = 1.0,
+        b: float = 1.0,
+        alpha: float = 1.0,
+        *,
+        add_self_loops: bool = False,
+        cached: bool = False,
+        check: bool = False,
+    ) -> None:
+        super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
+        self.channels = _check_channels("JacobiConv", channels)
+        self._recurrence = jacobi_recurrence(self.K, float(a), float(b))
+        if not alpha > 0.0:
+            raise ValueError(f"JacobiConv expects alpha > 0, got {alpha}")
+        self.a, self.b, self.alpha = float(a), float(b), float(alpha)
+        self.weight = Parameter(torch.empty(self.K + 1, self.channels))
+        self.eta = Parameter(torch.empty(self.K))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.eta.fill_(min(1.0 / self.alpha, 1.0))
+
+    def coefficients(self) -> Tensor:
+        """Coefficients of ``P_0 .. P_K`` per channel, shape ``(K + 1, channels)``."""
+        scales = self.alpha * torch.tanh(self.eta)
+        decay = torch.cat([scales.new_ones(1), torch.cumprod(scales, dim=0)])
+        return self.weight * decay.unsqueeze(-1)
+
+    def _filter(self, x: Tensor, apply) -> Tensor:
+        _check_channels_match(type(self).__name__, self.channels, x)
+        coeffs = self.coefficients().to(x.dtype)
+        return recurrence_filter(apply, x, coeffs, self._recurrence)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, K={self.K}, a={self.a}, b={self.b}"
+
+
+class OptBasisConv(_PolynomialFilter):
+    """A per-channel orthonormal polynomial basis built by a three-term recurrence.
+
+    ``out[:, c] = sum_k w_{k, c} p_{k, c}(Â) x[:, c]``, where for each channel the
+    polynomials ``p_{0, c} .. p_{K, c}`` are orthonormal and satisfy a three-term
+    recurrence. Two ways to choose them (Guo & Wei):
+
+    * ``basis="optimal"`` (OptBasisGNN): the basis orthonormal for the signal's own
+      spectral measure, ``sum_i (u_i^T x_c)^2 delta(mu_i) / ||x_c||^2``, obtained by the
+      Lanczos process ``v_0 = x_c / ||x_c||``, ``v_{k+1} ∝ Â v_k - <Â v_k, v_k> v_k -
+      <., v_{k-1}> v_{k-1}``. The vectors ``v_k = p_k(Â) v_0`` are orthonormal, which is
+      what makes this basis optimal for gradient descent on ``w``. As in the paper the
+      output is scale-invariant in each channel (it filters ``x_c / ||x_c||``). If the
+      Krylov space of a channel is exhausted before degree ``K`` (a new vector of norm
+      below ``sqrt(eps)``), the remaining basis vectors are zero.
+    * ``basis="favard"`` (FavardGNN): a learned recurrence ``sqrt(beta_{k+1}) p_{k+1} =
+      (t - gamma_k) p_k - sqrt(beta_k) p_{k-1}``, ``p_0 = 1 / sqrt(beta_0)``, with
+      ``sqrt(beta) >= 0.01`` (clamped) and free ``gamma``, per channel. By Favard's
+      theorem every such recurrence is orthonormal for some measure. Initialised to
+      ``sqrt(beta) = 1``, ``gamma = 0``.
+
+    In both cases ``w`` starts at ``(1, 0, ..., 0)`` and a forward pass costs exactly ``K``
+    sparse products.
+
+    Reference: Y. Guo, Z. Wei, "Graph Neural Networks with Learnable and Optimal
+    Polynomial Bases", ICML 2023.
+
+    Args:
+        channels: number of feature channels ``C``.
+        K: polynomial degree, ``>= 0``. Default 10.
+        basis: ``"optimal"`` (default) or ``"favard"``.
+        add_self_loops: use ``A + I`` (default ``False``, as in the paper).
+        cached: keep the normalized operator of the first call (transductive use only).
+        check: validate edge indices and weights on every call (host syncs; default off).
+
+    Shapes:
+        ``x``: ``(N, channels)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``;
+        output ``(N, channels)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        K: int = 10,
+        basis: Literal["optimal", "favard"] = "optimal",
+        *,
+        add_self_loops: bool = False,
+        cached: bool = False,
+        check: bool = False,
+    ) -> None:
+        super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
+        self.channels = _check_channels("OptBasisConv", channels)
+        if basis not in ("optimal", "favard"):
+            raise ValueError(f"OptBasisConv basis must be 'optimal' or 'favard', got {basis!r}")
+        self.basis = basis
+        self.weight = Parameter(torch.empty(self.K + 1, self.channels))
+        if basis == "favard":
+            self.sqrt_beta = Parameter(torch.empty(self.K + 1, self.channels))
+            self.gamma = Parameter(torch.empty(self.K, self.channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[0] = 1.0
+            if self.basis == "favard":
+                self.sqrt_beta.fill_(1.0)
+                self.gamma.zero_()
+
+    def favard_recurrence(self, dtype: torch.dtype) -> tuple[Tensor, Recurrence]:
+        """``(1 / sqrt(beta_0), recurrence)`` of the learned FavardGNN basis, per channel."""
+        sb = self.sqrt_beta.clamp_min(1e-2).to(dtype)
+        gamma = self.gamma.to(dtype)
+        alpha = [1.0 / sb[k + 1] for k in range(self.K)]
+        beta = [-gamma[k] / sb[k + 1] for k in range(self.K)]
+        prev = [sb[k] / sb[k + 1] for k in range(self.K)]
+        return 1.0 / sb[0], Recurrence(alpha, beta, prev)
+
+    def _filter(self, x: Tensor, apply) -> Tensor:
+        _check_channels_match(type(self).__name__, self.channels, x)
+        weight = self.weight.to(x.dtype)
+        if self.basis == "favard":
+            scale, rec = self.favard_recurrence(x.dtype)
+            return recurrence_filter(apply, x, weight, rec, first=x * scale)
+        return _lanczos_filter(apply, x, weight, self.K)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, K={self.K}, basis={self.basis!r}"
+
+
+def _normalize_columns(w: Tensor) -> Tensor:
+    """Columns of ``w`` scaled to unit norm; columns below ``sqrt(eps)`` become zero.
+
+    Neither the square root nor the division ever sees a dropped column's tiny norm (it
+    is replaced by 1 there), so gradients stay finite as well.
+    """
+    squared = torch.linalg.vecdot(w, w, dim=0)  # much faster than vector_norm(dim=0)
+    keep = squared > torch.finfo(w.dtype).eps
+    norm = torch.where(keep, squared, torch.ones_like(squared)).sqrt()
+    return torch.where(keep, w / norm, 0.0)
+
+
+def _lanczos_filter(apply, x: Tensor, weight: Tensor, K: int) -> Tensor:
+    """OptBasisGNN: ``sum_k weight[k] * v_k`` over per-channel Lanczos vectors of ``x``."""
+    cur = _normalize_columns(x)
+    out = weight[0] * cur
+    prev = None
+    for k in range(1, K + 1):
+        w = apply(cur)
+        w = torch.addcmul(w, torch.linalg.vecdot(w, cur, dim=0), cur, value=-1.0)
+        if prev is not None:
+            w = torch.addcmul(w, torch.linalg.vecdot(w, prev, dim=0), prev, value=-1.0)
+        prev, cur = cur, _normalize_columns(w)
+        out = torch.addcmul(out, weight[k], cur)
+    return out
