@@ -21,6 +21,7 @@ TOUR = [
     "curvature/plot_edge_of_stability.py",
     "curvature/plot_hessian_spectral_density.py",
     "nn/plot_spdnet_digits.py",
+    "optim/plot_riemannian_solvers.py",
 ]
 
 DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]
