@@ -255,12 +255,18 @@ def _orthonormal_extension(basis: Tensor, x: Tensor, drop: float) -> Tensor:
     x = x / torch.where(norms > 0, norms, torch.ones_like(norms))
     for _ in range(2):
         x = x - basis @ (basis.mT @ x)
-    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    if x.shape[1] == 1:  # the SVD of one column is its norm: skip LAPACK's tall-skinny path
+        s = torch.linalg.vector_norm(x, dim=0)
+        u = x / torch.where(s > 0, s, torch.ones_like(s))
+    else:
+        u, s, _ = torch.linalg.svd(x, full_matrices=False)
     u = u[:, s > drop * max(1.0, x.shape[1]) ** 0.5]
     if u.shape[1] == 0:
         return u
     # ``u`` rescales by 1/s; clean the basis component once more and re-orthonormalise.
     u = u - basis @ (basis.mT @ u)
+    if u.shape[1] == 1:
+        return u / torch.linalg.vector_norm(u)
     q, _ = torch.linalg.qr(u)
     return q
 
