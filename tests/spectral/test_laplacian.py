@@ -1,0 +1,556 @@
+"""Laplacians and laplacian_eigs against dense definitions and dense eigh (float64)."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+import math
+
+import pytest
+import torch
+from torch_geometric.utils import get_laplacian, remove_self_loops, to_undirected
+
+import torsion.spectral._eigensolvers as eigensolvers
+import torsion.spectral._laplacian as laplacian_module
+from torsion.spectral import LaplacianEigs, laplacian, laplacian_eigs
+from torsion.spectral._laplacian import _component_roots, _component_roots_torch
+
+F64 = torch.float64
+METHODS = ("chebyshev", "lobpcg", "arpack", "shift_invert")
+
+
+# ---------------------------------------------------------------------------------------
+# Graphs and dense oracles
+# ---------------------------------------------------------------------------------------
+
+
+def random_graph(n: int, m: int, generator: torch.Generator, offset: int = 0) -> torch.Tensor:
+    """An undirected random graph with ``m`` random edges (multi-edges and loops dropped)."""
+    edges = torch.randint(0, n, (2, m), generator=generator)
+    edges, _ = remove_self_loops(edges)
+    return to_undirected(edges, num_nodes=n) + offset
+
+
+def connected_random_graph(n: int, extra: int, generator: torch.Generator) -> torch.Tensor:
+    """A random tree plus ``extra`` random edges: connected, with distinct eigenvalues."""
+    parents = (torch.rand(n - 1, generator=generator) * torch.arange(1, n)).long()
+    tree = torch.stack([torch.arange(1, n), parents])
+    more = torch.randint(0, n, (2, extra), generator=generator)
+    edges, _ = remove_self_loops(torch.cat([tree, more], 1))
+    return to_undirected(edges, num_nodes=n)
+
+
+def cycle(n: int) -> torch.Tensor:
+    nodes = torch.arange(n)
+    return to_undirected(torch.stack([nodes, (nodes + 1) % n]), num_nodes=n)
+
+
+def hypercube(d: int) -> torch.Tensor:
+    nodes = torch.arange(2**d)
+    edges = [torch.stack([nodes, nodes ^ (1 << b)]) for b in range(d)]
+    return to_undirected(torch.cat(edges, 1), num_nodes=2**d)
+
+
+def grid(h: int, w: int) -> torch.Tensor:
+    idx = torch.arange(h * w).view(h, w)
+    right = torch.stack([idx[:, :-1].reshape(-1), idx[:, 1:].reshape(-1)])
+    down = torch.stack([idx[:-1, :].reshape(-1), idx[1:, :].reshape(-1)])
+    return to_undirected(torch.cat([right, down], 1), num_nodes=h * w)
+
+
+def symmetric_weights(edges: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random positive weights, equal on (i, j) and (j, i)."""
+    n = int(edges.max()) + 1
+    keys = edges[0] * n + edges[1]
+    order = torch.argsort(keys)
+    reverse = order[torch.searchsorted(keys[order], edges[1] * n + edges[0])]
+    weight = torch.rand(edges.shape[1], generator=generator, dtype=F64) + 0.1
+    return (weight + weight[reverse]) / 2
+
+
+def dense_adjacency(edge_index, n, weight=None, dtype=F64):
+    a = torch.zeros(n, n, dtype=dtype)
+    w = torch.ones(edge_index.shape[1], dtype=dtype) if weight is None else weight.to(dtype)
+    a.index_put_((edge_index[0], edge_index[1]), w, accumulate=True)
+    a.fill_diagonal_(0.0)  # self-loops are ignored
+    return a
+
+
+def dense_laplacian(edge_index, n, weight=None, normalization=None):
+    """The module's definitions, written densely with pseudo-inverses."""
+    a = dense_adjacency(edge_index, n, weight)
+    d = a.sum(1)
+    lap = torch.diag(d) - a
+    if normalization is None:
+        return lap
+    pinv = torch.where(d > 0, 1.0 / d.clamp_min(1e-300), 0.0)
+    if normalization == "sym":
+        return pinv.sqrt()[:, None] * lap * pinv.sqrt()[None, :]
+    return pinv[:, None] * lap
+
+
+def eigenspace_mismatch(values, vectors, ref_values, ref_vectors, tol=1e-6) -> float:
+    """Largest distance of computed eigenvectors from the reference eigenspace of their
+    eigenvalue, and of full computed eigenspaces from the reference ones (projectors).
+
+    Eigenvectors of repeated eigenvalues are defined up to a rotation, so each computed
+    vector is compared with the projector onto the reference eigenspace of its eigenvalue.
+    """
+    worst = 0.0
+    for j in range(values.numel()):
+        close = (ref_values - values[j]).abs() < tol
+        basis = ref_vectors[:, close]
+        v = vectors[:, j]
+        worst = max(worst, float((v - basis @ (basis.T @ v)).norm()))
+    return worst
+
+
+def projector_mismatch(vectors, ref_vectors) -> float:
+    p = vectors @ vectors.T
+    q = ref_vectors @ ref_vectors.T
+    return float((p - q).abs().max())
+
+
+# ---------------------------------------------------------------------------------------
+# laplacian
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalization", [None, "sym", "rw"])
+def test_laplacian_matches_dense_definition(normalization, generator):
+    n = 12
+    edges = random_graph(n, 20, generator)
+    # a multi-edge (summed), a self-loop (ignored), and isolated nodes 10, 11
+    edges = edges[:, (edges < 10).all(0)]
+    edges = torch.cat([edges, torch.tensor([[0, 1, 3], [1, 0, 3]])], 1)
+    weight = torch.rand(edges.shape[1], generator=generator, dtype=F64) + 0.1
+    lap = laplacian(edges, n, weight, normalization)
+    assert lap.layout == torch.sparse_coo and lap.is_coalesced()
+    expected = dense_laplacian(edges, n, weight, normalization)
+    torch.testing.assert_close(lap.to_dense(), expected, rtol=1e-12, atol=1e-12)
+    assert lap.to_dense()[10:].abs().sum() == 0  # isolated nodes: zero rows
+
+
+@pytest.mark.parametrize("normalization", [None, "sym"])
+def test_laplacian_matches_pyg_without_isolated_nodes(normalization, generator):
+    n = 15
+    edges = connected_random_graph(n, 10, generator)
+    weight = torch.rand(edges.shape[1], generator=generator, dtype=F64) + 0.1
+    index, value = get_laplacian(edges, weight, normalization=normalization, num_nodes=n)
+    ours = laplacian(edges, n, weight, normalization).to_dense()
+    pyg = torch.sparse_coo_tensor(index, value, (n, n), check_invariants=True).to_dense()
+    torch.testing.assert_close(ours, pyg, rtol=1e-12, atol=1e-12)
+
+
+def test_laplacian_directed_input_is_taken_as_is():
+    edges = torch.tensor([[0, 1], [1, 2]])
+    expected = torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(laplacian(edges, 3).to_dense(), expected)
+
+
+def test_laplacian_gradient_flows_to_edge_weight(generator):
+    edges = connected_random_graph(6, 3, generator)
+    weight = (torch.rand(edges.shape[1], generator=generator, dtype=F64) + 0.5).requires_grad_()
+    x = torch.randn(6, dtype=F64, generator=generator)
+
+    def energy(w):
+        return x @ (laplacian(edges, 6, w, "sym") @ x)
+
+    assert torch.autograd.gradcheck(energy, (weight,))
+
+
+def test_laplacian_empty_graphs():
+    assert laplacian(torch.empty(2, 0, dtype=torch.long), 0).shape == (0, 0)
+    lap = laplacian(torch.empty(2, 0, dtype=torch.long), 3, normalization="sym")
+    assert lap.to_dense().abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"edge_index": torch.tensor([[0, 3], [1, 0]])}, ValueError, "outside"),
+        ({"edge_index": torch.tensor([[0, -1], [1, 0]])}, ValueError, "outside"),
+        ({"edge_index": torch.tensor([0, 1])}, ValueError, "shape"),
+        ({"edge_index": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, TypeError, "integer"),
+        ({"edge_weight": torch.tensor([1.0, float("nan")])}, ValueError, "non-finite"),
+        ({"edge_weight": torch.tensor([1.0, float("inf")])}, ValueError, "non-finite"),
+        ({"edge_weight": torch.tensor([1.0, -1.0])}, ValueError, "negative"),
+        ({"edge_weight": torch.tensor([1.0])}, ValueError, "shape"),
+        ({"normalization": "symmetric"}, ValueError, "normalization"),
+        ({"num_nodes": -1}, ValueError, "num_nodes"),
+        ({"num_nodes": 3.0}, TypeError, "num_nodes"),
+    ],
+)
+def test_laplacian_rejects_bad_input(kwargs, error, match):
+    args = {"edge_index": torch.tensor([[0, 1], [1, 0]]), "num_nodes": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        laplacian(**args)
+
+
+def test_inputs_are_not_modified(generator):
+    edges = connected_random_graph(30, 10, generator)
+    weight = symmetric_weights(edges, generator)
+    edges_copy, weight_copy = edges.clone(), weight.clone()
+    laplacian(edges, 30, weight, "sym")
+    laplacian_eigs(edges, 30, 5, edge_weight=weight)
+    assert torch.equal(edges, edges_copy) and torch.equal(weight, weight_copy)
+
+
+# ---------------------------------------------------------------------------------------
+# laplacian_eigs: dense path against eigh
+# ---------------------------------------------------------------------------------------
+
+
+def reference(edges, n, normalization, weight=None):
+    lap = dense_laplacian(edges, n, weight, "sym" if normalization == "rw" else normalization)
+    return torch.linalg.eigh(lap)
+
+
+@pytest.mark.parametrize("normalization", [None, "sym", "rw"])
+@pytest.mark.parametrize(
+    "graph",
+    ["random", "disconnected", "cycle", "hypercube"],
+)
+def test_dense_path_matches_eigh(graph, normalization, generator):
+    weight = None
+    if graph == "random":
+        n = 40
+        edges = connected_random_graph(n, 30, generator)
+        weight = symmetric_weights(edges, generator)
+    elif graph == "disconnected":
+        n = 30  # two components of 13 and 14 nodes, three isolated nodes
+        edges = torch.cat(
+            [
+                connected_random_graph(13, 5, generator),
+                connected_random_graph(14, 6, generator) + 13,
+            ],
+            1,
+        )
+    elif graph == "cycle":
+        n, edges = 12, cycle(12)
+    else:
+        n, edges = 16, hypercube(4)
+    k = 10
+    ref_values, ref_vectors = reference(edges, n, normalization, weight)
+    eig = laplacian_eigs(edges, n, k, normalization, edge_weight=weight, dtype=F64)
+    assert isinstance(eig, LaplacianEigs)
+    torch.testing.assert_close(eig.eigenvalues, ref_values[:k], rtol=0, atol=1e-10)
+    assert eig.mask.all()
+    assert eig.residuals.max() < 1e-10
+    vectors = eig.eigenvectors
+    if normalization == "rw":
+        # D-orthonormal eigenvectors of L_rw: D^1/2 v are the sym ones
+        a = dense_adjacency(edges, n, weight)
+        d = a.sum(1)
+        d_tilde = torch.where(d > 0, d, 1.0)
+        lap_rw = dense_laplacian(edges, n, weight, "rw")
+        residual = lap_rw @ vectors - vectors * eig.eigenvalues
+        assert residual.abs().max() < 1e-10
+        torch.testing.assert_close(
+            vectors.T @ (d_tilde[:, None] * vectors), torch.eye(k, dtype=F64)
+        )
+        vectors = d_tilde.sqrt()[:, None] * vectors
+    assert eigenspace_mismatch(eig.eigenvalues, vectors, ref_values, ref_vectors) < 1e-8
+
+
+def test_regular_graphs_repeated_eigenvalues_full_eigenspaces():
+    # Q_4: eigenvalues 2j/4 with multiplicities binom(4, j): 1, 4, 6, 4, 1
+    edges = hypercube(4)
+    eig = laplacian_eigs(edges, 16, 11, dtype=F64)
+    expected = torch.tensor([0.0] + [0.5] * 4 + [1.0] * 6, dtype=F64)
+    torch.testing.assert_close(eig.eigenvalues, expected, rtol=0, atol=1e-12)
+    _, ref_vectors = reference(edges, 16, "sym")
+    for lo, hi in ((1, 5), (5, 11)):  # complete eigenspaces: projectors must agree
+        assert projector_mismatch(eig.eigenvectors[:, lo:hi], ref_vectors[:, lo:hi]) < 1e-10
+    # cycle C_12: eigenvalues 1 - cos(2 pi j / 12), each nonzero one (except j = 6) twice
+    eig = laplacian_eigs(cycle(12), 12, 12, dtype=F64)
+    angles = 2 * math.pi * torch.arange(12, dtype=F64) / 12
+    expected, _ = torch.sort(1 - torch.cos(angles))
+    torch.testing.assert_close(eig.eigenvalues, expected, rtol=0, atol=1e-12)
+
+
+def test_null_space_multiplicity_and_canonical_basis(generator):
+    parts = [connected_random_graph(8, 4, generator), connected_random_graph(5, 2, generator) + 9]
+    edges = torch.cat(parts, 1)  # components {0..7}, {8} isolated, {9..13}, {14}, {15}
+    n = 16
+    ref_values, _ = reference(edges, n, "sym")
+    eig = laplacian_eigs(edges, n, 7, dtype=F64)
+    num_zero = int((ref_values.abs() < 1e-9).sum())
+    assert int(eig.num_components) == num_zero == 5
+    torch.testing.assert_close(eig.eigenvalues[:5], torch.zeros(5, dtype=F64))
+    d = dense_adjacency(edges, n).sum(1)
+    sqrt_d = torch.where(d > 0, d, 1.0).sqrt()
+    members = [range(8), [8], range(9, 14), [14], [15]]  # ordered by smallest node
+    for j, nodes in enumerate(members):
+        expected = torch.zeros(n, dtype=F64)
+        expected[list(nodes)] = sqrt_d[list(nodes)]
+        torch.testing.assert_close(eig.eigenvectors[:, j], expected / expected.norm())
+    assert eig.eigenvalues[5] > 1e-3
+    skipped = laplacian_eigs(edges, n, 2, dtype=F64, skip_null_space=True)
+    torch.testing.assert_close(skipped.eigenvalues, ref_values[5:7], rtol=0, atol=1e-10)
+
+
+def test_combinatorial_null_vectors_are_normalized_indicators():
+    edges = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]])
+    eig = laplacian_eigs(edges, 5, 5, None, dtype=F64)
+    assert int(eig.num_components) == 3
+    s = 1 / math.sqrt(2)
+    expected = torch.tensor([[s, 0, 0], [s, 0, 0], [0, s, 0], [0, s, 0], [0, 0, 1.0]], dtype=F64)
+    torch.testing.assert_close(eig.eigenvectors[:, :3], expected)
+    torch.testing.assert_close(eig.eigenvalues, torch.tensor([0, 0, 0, 2, 2], dtype=F64))
+
+
+def test_k_at_least_n_is_padded_with_a_mask():
+    eig = laplacian_eigs(cycle(5), 5, 8, dtype=F64)
+    assert eig.mask.tolist() == [True] * 5 + [False] * 3
+    assert eig.eigenvalues[5:].abs().sum() == 0 and eig.residuals[5:].abs().sum() == 0
+    assert eig.eigenvectors[:, 5:].abs().sum() == 0
+    skipped = laplacian_eigs(cycle(5), 5, 8, dtype=F64, skip_null_space=True)
+    assert skipped.mask.sum() == 4
+
+
+def test_empty_inputs():
+    none = torch.empty(2, 0, dtype=torch.long)
+    eig = laplacian_eigs(none, 0, 3)
+    assert eig.eigenvalues.shape == (3,) and eig.eigenvectors.shape == (0, 3)
+    assert not eig.mask.any()
+    eig = laplacian_eigs(cycle(4), 4, 0)
+    assert eig.eigenvalues.shape == (0,) and eig.eigenvectors.shape == (4, 0)
+    eig = laplacian_eigs(none, 3, 2, dtype=F64)  # three isolated nodes
+    assert int(eig.num_components) == 3
+    torch.testing.assert_close(eig.eigenvectors, torch.eye(3, 2, dtype=F64))
+
+
+def test_default_dtype_and_weights_dtype():
+    assert laplacian_eigs(cycle(6), 6, 3).eigenvalues.dtype == torch.get_default_dtype()
+    weight = torch.ones(12, dtype=F64)
+    assert laplacian_eigs(cycle(6), 6, 3, edge_weight=weight).eigenvectors.dtype == F64
+
+
+# ---------------------------------------------------------------------------------------
+# Batched path
+# ---------------------------------------------------------------------------------------
+
+
+def test_batched_matches_per_graph(generator):
+    sizes = [7, 12, 7, 3, 12, 20, 9]
+    parts, offset = [], 0
+    for i, n in enumerate(sizes):
+        if i == 1:  # a disconnected member: two pieces and an isolated node
+            e = torch.cat(
+                [
+                    connected_random_graph(5, 2, generator),
+                    connected_random_graph(6, 2, generator) + 5,
+                ],
+                1,
+            )
+        else:
+            e = connected_random_graph(n, 4, generator)
+        parts.append(e + offset)
+        offset += n
+    edges = torch.cat(parts, 1)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    k = 8
+    for skip in (False, True):
+        eig = laplacian_eigs(edges, offset, k, batch=batch, dtype=F64, skip_null_space=skip)
+        assert eig.eigenvalues.shape == (len(sizes), k)
+        assert eig.eigenvectors.shape == (offset, k)
+        start = 0
+        for g, n in enumerate(sizes):
+            local = parts[g] - start
+            single = laplacian_eigs(local, n, k, dtype=F64, skip_null_space=skip)
+            torch.testing.assert_close(eig.eigenvalues[g], single.eigenvalues, rtol=0, atol=1e-10)
+            assert torch.equal(eig.mask[g], single.mask)
+            assert int(eig.num_components[g]) == int(single.num_components)
+            ref_values, ref_vectors = reference(local, n, "sym")
+            rows = eig.eigenvectors[start : start + n]
+            valid = eig.mask[g]
+            null = (eig.eigenvalues[g] == 0) & valid
+            torch.testing.assert_close(rows[:, null], single.eigenvectors[:, null])
+            mismatch = eigenspace_mismatch(
+                eig.eigenvalues[g][valid & ~null], rows[:, valid & ~null], ref_values, ref_vectors
+            )
+            assert mismatch < 1e-8
+            start += n
+
+
+def test_batched_trailing_empty_graphs():
+    edges = cycle(4)
+    batch = torch.zeros(4, dtype=torch.long)
+    eig = laplacian_eigs(edges, 4, 2, batch=batch, num_graphs=3)
+    assert eig.eigenvalues.shape == (3, 2) and eig.num_components.tolist() == [1, 0, 0]
+    assert eig.mask.tolist() == [[True, True], [False, False], [False, False]]
+
+
+# ---------------------------------------------------------------------------------------
+# Iterative solvers on a few-thousand-node graph
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def large_graph():
+    """1600 nodes: a random graph of 1200 nodes, a 19 x 21 grid piece, and isolated nodes."""
+    g = torch.Generator().manual_seed(7)
+    random_part = connected_random_graph(1200, 1800, g)
+    grid_part = grid(19, 21) + 1200
+    n = 1200 + 19 * 21 + 1
+    edges = torch.cat([random_part, grid_part], 1)
+    values, vectors = reference(edges, n, "sym")
+    return edges, n, values, vectors
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_iterative_methods_match_eigh(method, large_graph):
+    edges, n, ref_values, ref_vectors = large_graph
+    k, tol = 12, 1e-9
+    eig = laplacian_eigs(edges, n, k, method=method, dtype=F64, tol=tol)
+    assert int(eig.num_components) == 3
+    # eigenvalues to ~ residual^2 / gap; residuals within the tolerance
+    torch.testing.assert_close(eig.eigenvalues, ref_values[:k], rtol=0, atol=1e-8)
+    assert eig.residuals.max() <= 2 * tol * 2
+    assert eigenspace_mismatch(eig.eigenvalues, eig.eigenvectors, ref_values, ref_vectors) < 1e-6
+    orth = eig.eigenvectors.T @ eig.eigenvectors
+    torch.testing.assert_close(orth, torch.eye(k, dtype=F64), rtol=0, atol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def square_grid():
+    """A square grid: the eigenvalues of modes (i, j) and (j, i) coincide."""
+    edges, n = grid(36, 36), 36 * 36
+    return edges, n, *reference(edges, n, "sym")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_iterative_methods_find_both_copies_of_repeated_eigenvalues(method, square_grid):
+    edges, n, ref_values, ref_vectors = square_grid
+    assert (ref_values[1] - ref_values[2]).abs() < 1e-12  # the first pair
+    eig = laplacian_eigs(edges, n, 13, method=method, dtype=F64, tol=1e-9)
+    torch.testing.assert_close(eig.eigenvalues, ref_values[:13], rtol=0, atol=1e-10)
+    assert eigenspace_mismatch(eig.eigenvalues, eig.eigenvectors, ref_values, ref_vectors) < 1e-6
+
+
+def test_chebyshev_default_tolerance_float32_filter(large_graph):
+    edges, n, ref_values, _ = large_graph
+    eig = laplacian_eigs(edges, n, 12, method="chebyshev", skip_null_space=True)
+    assert eig.eigenvalues.dtype == torch.float32
+    assert eig.residuals.max() <= 2e-6 * 1.01
+    torch.testing.assert_close(eig.eigenvalues.double(), ref_values[3:15], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["chebyshev", "lobpcg", "arpack", "shift_invert"])
+def test_iterative_methods_are_deterministic(method, large_graph):
+    edges, n, _, _ = large_graph
+    runs = [
+        laplacian_eigs(
+            edges,
+            n,
+            6,
+            method=method,
+            dtype=F64,
+            skip_null_space=True,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0].eigenvectors, runs[1].eigenvectors)
+    again = laplacian_eigs(edges, n, 6, method=method, dtype=F64, skip_null_space=True)
+    torch.testing.assert_close(again.eigenvalues, runs[0].eigenvalues, rtol=0, atol=1e-9)
+
+
+def test_auto_picks_shift_invert_on_meshes_and_chebyshev_elsewhere(monkeypatch, generator):
+    calls = []
+    for name in ("chebyshev_eigs", "shift_invert_eigs"):
+        original = getattr(laplacian_module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(laplacian_module, name, spy)
+    laplacian_eigs(grid(40, 30), 1200, 4)
+    laplacian_eigs(connected_random_graph(1200, 2400, generator), 1200, 4)
+    laplacian_eigs(cycle(200), 200, 4)  # small: dense
+    assert calls == ["shift_invert_eigs", "chebyshev_eigs"]
+
+
+def test_non_convergence_warns(large_graph):
+    edges, n, _, _ = large_graph
+    with pytest.warns(RuntimeWarning, match="residual"):
+        eig = laplacian_eigs(edges, n, 8, method="chebyshev", max_iter=1, dtype=F64)
+    assert eig.residuals.max() > 0
+
+
+def test_component_roots_device_algorithm_matches_scipy(generator):
+    # long paths and random forests: many pointer-jumping rounds
+    path = torch.stack([torch.arange(499), torch.arange(1, 500)])
+    pieces = [to_undirected(path), random_graph(300, 250, generator, offset=500), grid(7, 9) + 800]
+    edges = torch.cat(pieces, 1)
+    n = 900  # nodes 863..899 isolated
+    perm = torch.randperm(n, generator=generator)
+    edges = perm[edges]
+    row, col = edges
+    expected = _component_roots(row, col, n)
+    torch.testing.assert_close(_component_roots_torch(row, col, n), expected)
+    nodes = torch.arange(n)
+    assert (expected <= nodes).all() and torch.equal(expected[expected], expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors and docs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"k": -1}, ValueError, "k must be >= 0"),
+        ({"k": 2.0}, TypeError, "k must be an int"),
+        ({"method": "eigh"}, ValueError, "method"),
+        ({"normalization": "l2"}, ValueError, "normalization"),
+        ({"tol": 0.0}, ValueError, "tol"),
+        ({"tol": float("nan")}, ValueError, "tol"),
+        ({"edge_index": torch.tensor([[0, 1], [1, 2]])}, ValueError, "undirected"),
+        ({"edge_index": cycle(4), "edge_weight": torch.arange(1.0, 9.0)}, ValueError, "undirected"),
+        ({"batch": torch.tensor([1, 0, 0, 1])}, ValueError, "sorted"),
+        ({"batch": torch.tensor([0, 0, 1, 1])}, ValueError, "different graphs"),
+        ({"batch": torch.tensor([0, 0, 1])}, ValueError, "shape"),
+        ({"batch": torch.tensor([0, 0, 0, 0]), "num_graphs": 0}, ValueError, "num_graphs"),
+        ({"dtype": torch.float16}, TypeError, "dtype"),
+        ({"edge_index": torch.tensor([[0, 4], [4, 0]])}, ValueError, "outside"),
+    ],
+)
+def test_laplacian_eigs_rejects_bad_input(kwargs, error, match):
+    args = {"edge_index": cycle(4), "num_nodes": 4, "k": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        laplacian_eigs(**args)
+
+
+def test_docstring_examples_run():
+    for module in (laplacian_module, eigensolvers):
+        result = doctest.testmod(module, extraglobs={"torch": torch}, verbose=False)
+        assert result.failed == 0
+
+
+def test_all_normalizations_agree_on_eigenvalues(generator):
+    edges = connected_random_graph(30, 20, generator)
+    sym = laplacian_eigs(edges, 30, 8, "sym", dtype=F64)
+    rw = laplacian_eigs(edges, 30, 8, "rw", dtype=F64)
+    torch.testing.assert_close(sym.eigenvalues, rw.eigenvalues, rtol=0, atol=1e-12)
+    # regular graph: L = d L_sym
+    hyper = laplacian_eigs(hypercube(3), 8, 8, None, dtype=F64)
+    sym = laplacian_eigs(hypercube(3), 8, 8, "sym", dtype=F64)
+    torch.testing.assert_close(hyper.eigenvalues, 3 * sym.eigenvalues, rtol=0, atol=1e-12)
+
+
+def test_matrix_function_of_all_pairs_is_the_laplacian(generator):
+    # with k = n the eigenpairs reconstruct L_sym exactly
+    edges = connected_random_graph(25, 15, generator)
+    eig = laplacian_eigs(edges, 25, 25, dtype=F64)
+    v, lam = eig.eigenvectors, eig.eigenvalues
+    torch.testing.assert_close(v @ torch.diag(lam) @ v.T, dense_laplacian(edges, 25, None, "sym"))
+
+
+@pytest.mark.parametrize(("n", "k"), list(itertools.product([3, 9], [1, 4])))
+def test_small_graphs_all_sizes(n, k):
+    eig = laplacian_eigs(cycle(n), n, k, dtype=F64, skip_null_space=True)
+    assert int(eig.mask.sum()) == min(k, n - 1)
