@@ -22,6 +22,7 @@ TOUR = [
     "curvature/plot_hessian_spectral_density.py",
     "nn/plot_spdnet_digits.py",
     "optim/plot_riemannian_solvers.py",
+    "spectral/plot_molecular_pe.py",
 ]
 
 DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]

@@ -375,3 +375,23 @@ def test_basisnet_groups_by_tolerance(generator):
     mix[1:3, 1:3] = haar_orthogonal(2, generator)
     enc.eigval_tol = None
     torch.testing.assert_close(enc(q @ mix, lam), out, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_mask_equals_nan_padding_and_reads_add_laplacian_pe(name):
+    """``mask=False`` drops a pair exactly like a NaN eigenvalue, and the transform's
+    zero-padded output with its mask gives what the NaN-padded eigenpairs give."""
+    enc = _make(name)
+    data = EigenBatch(_graphs())
+    missing = torch.isnan(data.eigvals)
+    zero_padded = data.run(enc, eigvals=data.eigvals.nan_to_num(0.0), eigvecs=data.eigvecs)
+    masked = enc(
+        data.eigvecs.nan_to_num(0.0), data.eigvals.nan_to_num(0.0), data.batch, mask=~missing
+    )
+    torch.testing.assert_close(masked, data.run(enc), rtol=0, atol=1e-12)
+    assert missing.any()
+    if name != "spe":  # zero vectors add nothing to SPE's V diag(psi) V^T; the others see
+        # a zero-padded pair as a real eigenpair with eigenvalue 0 unless it is masked
+        assert not torch.allclose(zero_padded, masked)
+    with pytest.raises(ValueError, match="mask must be a bool tensor shaped like eigvals"):
+        enc(data.eigvecs, data.eigvals, data.batch, mask=~missing[:, :2])

@@ -408,3 +408,23 @@ def test_check_flag_validates_values(generator):
     bad[0] = -1.0
     with pytest.raises(ValueError, match="negative"):
         conv(x, edge_index, bad)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FILTERS))
+def test_batch_of_graphs_equals_each_graph_alone(name, generator):
+    """With ``batch`` every filter (the optimal basis's per-graph inner products included)
+    filters each graph of a PyG-style batch as if it were alone."""
+    conv = _randomize(ALL_FILTERS[name](4), generator)
+    graphs = [_graph(generator, n) for n in (5, 9, 7)]
+    xs = [torch.randn(n, C, generator=generator, dtype=DTYPE) for _, _, n in graphs]
+    offsets = np.cumsum([0] + [n for _, _, n in graphs])
+    edge_index = torch.cat(
+        [e + int(o) for (e, _, _), o in zip(graphs, offsets[:-1], strict=True)], 1
+    )
+    weight = torch.cat([w for _, w, _ in graphs])
+    batch = torch.cat([torch.full((n,), g) for g, (_, _, n) in enumerate(graphs)])
+    together = conv(torch.cat(xs), edge_index, weight, batch=batch)
+    alone = torch.cat([conv(x, e, w) for x, (e, w, _) in zip(xs, graphs, strict=True)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="batch must be an integer tensor of shape"):
+        conv(torch.cat(xs), edge_index, weight, batch=batch[:-1])

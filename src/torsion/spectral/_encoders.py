@@ -16,7 +16,7 @@ All three are permutation-equivariant: relabelling the nodes permutes the output
 
 Calling convention (shared by the three)::
 
-    enc(eigvecs, eigvals, batch=None, *, edge_index=None) -> (N, out_channels)
+    enc(eigvecs, eigvals, batch=None, *, edge_index=None, mask=None) -> (N, out_channels)
 
 * ``eigvecs``: ``(N, k)``, node-major, as PyG stores ``data.lap_pe``: row ``i`` holds node
   ``i``'s entries of ``k`` eigenvectors of its own graph, each unit-norm over that graph.
@@ -27,7 +27,10 @@ Calling convention (shared by the three)::
   not have to be sorted.
 * Missing eigenpairs (a graph with fewer than ``k`` nodes) are marked by NaN: a NaN
   eigenvalue drops that eigenpair for the whole graph, a NaN eigenvector entry drops that
-  entry (it is read as 0). This is the GraphGPS padding convention.
+  entry (it is read as 0). This is the GraphGPS padding convention. Alternatively pass
+  ``mask`` (keyword, bool, shaped like ``eigvals``; ``False`` drops the pair), which is
+  what :class:`~torsion.spectral.AddLaplacianPE` stores: ``enc(data.lap_pe,
+  data.lap_pe_eigvals, data.batch, mask=data.lap_pe_mask)``.
 * ``edge_index`` (optional, keyword): when given, the per-eigenvector network ``phi``
   becomes a GIN (each layer adds the sum over in-neighbours before its linear map), as in
   the papers; without it ``phi`` acts on each node alone (a DeepSets-style encoder).
@@ -41,6 +44,7 @@ synchronisations per call, none without ``batch``).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,7 +83,11 @@ def _describe(t: object) -> str:
 
 
 def _eigenpairs(
-    module: nn.Module, eigvecs: Tensor, eigvals: Tensor, batch: Tensor | None
+    module: nn.Module,
+    eigvecs: Tensor,
+    eigvals: Tensor,
+    batch: Tensor | None,
+    mask: Tensor | None = None,
 ) -> _Eigenpairs:
     """Validate the calling convention and bring eigenvalues to one row per node."""
     name = type(module).__name__
@@ -121,6 +129,13 @@ def _eigenpairs(
         if batch.device != eigvecs.device:
             raise ValueError(f"{name}: batch is on {batch.device} but eigvecs on {eigvecs.device}")
 
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != eigvals.shape:
+            raise ValueError(
+                f"{name}: mask must be a bool tensor shaped like eigvals "
+                f"{tuple(eigvals.shape)}, got {_describe(mask)}"
+            )
+        eigvals = eigvals.masked_fill(~mask, math.nan)
     num_graphs = None
     if eigvals.dim() == 1:
         vals = eigvals.expand(n, k)
@@ -324,8 +339,9 @@ class SignNet(nn.Module):
         batch: Tensor | None = None,
         *,
         edge_index: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        pairs = _eigenpairs(self, eigvecs, eigvals, batch)
+        pairs = _eigenpairs(self, eigvecs, eigvals, batch, mask)
         _check_edge_index("SignNet", edge_index, eigvecs)
         v, lam = pairs.vecs, pairs.vals
         signed = torch.stack([torch.stack([v, lam], -1), torch.stack([-v, lam], -1)], 1)
@@ -409,8 +425,9 @@ class SPE(nn.Module):
         batch: Tensor | None = None,
         *,
         edge_index: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        pairs = _eigenpairs(self, eigvecs, eigvals, batch)
+        pairs = _eigenpairs(self, eigvecs, eigvals, batch, mask)
         _check_edge_index("SPE", edge_index, eigvecs)
         graph = _graph_rows(pairs.vecs, batch, pairs.num_graphs)
         w = self._partitions(pairs, graph)
@@ -485,8 +502,9 @@ class BasisNet(nn.Module):
         batch: Tensor | None = None,
         *,
         edge_index: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        pairs = _eigenpairs(self, eigvecs, eigvals, batch)
+        pairs = _eigenpairs(self, eigvecs, eigvals, batch, mask)
         _check_edge_index("BasisNet", edge_index, eigvecs)
         if eigvecs.size(1) != self.k:
             raise ValueError(

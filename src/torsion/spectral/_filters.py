@@ -205,25 +205,44 @@ class _PolynomialFilter(MessagePassing, abc.ABC):
         super().reset_parameters()
         self._cached_operator = None
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        edge_weight: Tensor | None = None,
+        batch: Tensor | None = None,
+    ) -> Tensor:
         """Filter the node signal ``x`` on the graph ``edge_index``.
 
         Args:
             x: node features.
             edge_index: edges ``source -> target``, both directions for an undirected graph.
             edge_weight: optional nonnegative edge weights (default 1).
+            batch: the graph of each node in a PyG ``Batch``. Only filters that take
+                inner products over the nodes (``OptBasisConv(basis="optimal")``) need
+                it, to keep them within each graph; the others are graph-local anyway.
 
         Shapes:
             ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``;
-            output: ``(N, C)``.
+            ``batch``: ``(N,)``; output: ``(N, C)``.
         """
         _check_graph(type(self).__name__, x, edge_index, edge_weight, self.check)
+        if batch is not None and (
+            not isinstance(batch, Tensor)
+            or batch.dtype not in (torch.int64, torch.int32)
+            or batch.shape != (x.size(0),)
+            or batch.device != x.device
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: batch must be an integer tensor of shape "
+                f"({x.size(0)},) on {x.device}"
+            )
         op = self._operator(x, edge_index, edge_weight)
 
         def apply(h: Tensor) -> Tensor:
             return self.propagate(op.adj_t, x=h, edge_weight=op.weight, adj=op.adj)
 
-        return self._filter(x, apply)
+        return self._filter(x, apply, batch)
 
     def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
         return edge_weight.unsqueeze(-1) * x_j
@@ -255,7 +274,7 @@ class _PolynomialFilter(MessagePassing, abc.ABC):
         return op
 
     @abc.abstractmethod
-    def _filter(self, x: Tensor, apply) -> Tensor:
+    def _filter(self, x: Tensor, apply, batch: Tensor | None) -> Tensor:
         """The filtered signal, with exactly ``K`` calls of ``apply``."""
 
     def extra_repr(self) -> str:
@@ -322,7 +341,7 @@ class GPRConv(_PolynomialFilter):
         with torch.no_grad():
             self.gamma.copy_(ppr)
 
-    def _filter(self, x: Tensor, apply) -> Tensor:
+    def _filter(self, x: Tensor, apply, batch: Tensor | None) -> Tensor:
         coeffs = self.gamma.to(x.dtype)  # the layer follows its input's dtype
         return recurrence_filter(apply, x, coeffs, monomial_recurrence(self.K))
 
@@ -389,7 +408,7 @@ class BernConv(_PolynomialFilter):
         """Chebyshev coefficients in ``t = lambda - 1`` (float64), shape ``(K + 1,)``."""
         return self.to_chebyshev.to(torch.float64) @ torch.relu(self.theta).to(torch.float64)
 
-    def _filter(self, x: Tensor, apply) -> Tensor:
+    def _filter(self, x: Tensor, apply, batch: Tensor | None) -> Tensor:
         coeffs = self.chebyshev_coefficients().to(x.dtype)
         return recurrence_filter(apply, x, coeffs, chebyshev_recurrence(self.K, doubled=True))
 
@@ -454,7 +473,7 @@ class ChebIIConv(_PolynomialFilter):
         """Chebyshev coefficients in ``t = lambda - 1`` (float64), shape ``(K + 1,)``."""
         return self.interpolation.to(torch.float64) @ torch.relu(self.gamma).to(torch.float64)
 
-    def _filter(self, x: Tensor, apply) -> Tensor:
+    def _filter(self, x: Tensor, apply, batch: Tensor | None) -> Tensor:
         coeffs = self.chebyshev_coefficients().to(x.dtype)
         return recurrence_filter(apply, x, coeffs, chebyshev_recurrence(self.K, doubled=True))
 
@@ -520,7 +539,7 @@ class JacobiConv(_PolynomialFilter):
         decay = torch.cat([scales.new_ones(1), torch.cumprod(scales, dim=0)])
         return self.weight * decay.unsqueeze(-1)
 
-    def _filter(self, x: Tensor, apply) -> Tensor:
+    def _filter(self, x: Tensor, apply, batch: Tensor | None) -> Tensor:
         _check_channels_match(type(self).__name__, self.channels, x)
         coeffs = self.coefficients().to(x.dtype)
         return recurrence_filter(apply, x, coeffs, self._recurrence)
@@ -608,40 +627,51 @@ class OptBasisConv(_PolynomialFilter):
         prev = [sb[k] / sb[k + 1] for k in range(self.K)]
         return 1.0 / sb[0], Recurrence(alpha, beta, prev)
 
-    def _filter(self, x: Tensor, apply) -> Tensor:
+    def _filter(self, x: Tensor, apply, batch: Tensor | None) -> Tensor:
         _check_channels_match(type(self).__name__, self.channels, x)
         weight = self.weight.to(x.dtype)
         if self.basis == "favard":
             scale, rec = self.favard_recurrence(x.dtype)
             return recurrence_filter(apply, x, weight, rec, first=x * scale)
-        return _lanczos_filter(apply, x, weight, self.K)
+        return _lanczos_filter(apply, x, weight, self.K, batch)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, K={self.K}, basis={self.basis!r}"
 
 
-def _normalize_columns(w: Tensor) -> Tensor:
-    """Columns of ``w`` scaled to unit norm; columns below ``sqrt(eps)`` become zero.
+def _column_dot(a: Tensor, b: Tensor, batch: Tensor | None) -> Tensor:
+    """``<a_c, b_c>`` per channel: ``(C,)``, or with ``batch`` per graph, ``(N, C)`` with
+    every node holding its own graph's value (scattered into ``N`` rows, enough for any
+    batch, so no host synchronisation is needed for the number of graphs)."""
+    if batch is None:
+        return torch.linalg.vecdot(a, b, dim=0)  # much faster than vector_norm(dim=0)
+    return torch.zeros_like(a).index_add(0, batch, a * b)[batch]
+
+
+def _normalize_columns(w: Tensor, batch: Tensor | None) -> Tensor:
+    """Columns of ``w`` (per graph with ``batch``) scaled to unit norm; those below
+    ``sqrt(eps)`` become zero.
 
     Neither the square root nor the division ever sees a dropped column's tiny norm (it
     is replaced by 1 there), so gradients stay finite as well.
     """
-    squared = torch.linalg.vecdot(w, w, dim=0)  # much faster than vector_norm(dim=0)
+    squared = _column_dot(w, w, batch)
     keep = squared > torch.finfo(w.dtype).eps
     norm = torch.where(keep, squared, torch.ones_like(squared)).sqrt()
     return torch.where(keep, w / norm, 0.0)
 
 
-def _lanczos_filter(apply, x: Tensor, weight: Tensor, K: int) -> Tensor:
-    """OptBasisGNN: ``sum_k weight[k] * v_k`` over per-channel Lanczos vectors of ``x``."""
-    cur = _normalize_columns(x)
+def _lanczos_filter(apply, x: Tensor, weight: Tensor, K: int, batch: Tensor | None) -> Tensor:
+    """OptBasisGNN: ``sum_k weight[k] * v_k`` over per-channel Lanczos vectors of ``x``
+    (of each graph's part of ``x`` with ``batch``)."""
+    cur = _normalize_columns(x, batch)
     out = weight[0] * cur
     prev = None
     for k in range(1, K + 1):
         w = apply(cur)
-        w = torch.addcmul(w, torch.linalg.vecdot(w, cur, dim=0), cur, value=-1.0)
+        w = torch.addcmul(w, _column_dot(w, cur, batch), cur, value=-1.0)
         if prev is not None:
-            w = torch.addcmul(w, torch.linalg.vecdot(w, prev, dim=0), prev, value=-1.0)
-        prev, cur = cur, _normalize_columns(w)
+            w = torch.addcmul(w, _column_dot(w, prev, batch), prev, value=-1.0)
+        prev, cur = cur, _normalize_columns(w, batch)
         out = torch.addcmul(out, weight[k], cur)
     return out
