@@ -1,0 +1,139 @@
+"""The ``triton`` registry backend and its opt-in registration."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from torsion.kernels._registry import Backend, BackendSupport, get_backend, register_backend
+from torsion.kernels.triton._codegen import interpreter_enabled, unsupported_descriptor_reason
+from torsion.kernels.triton._ops import REDUCTIONS, triton_conv, triton_tensor_product
+from torsion.reps import LAYOUTS, TPDescriptor
+
+__all__ = ["TritonBackend", "register_triton_backend"]
+
+
+class TritonBackend(Backend):
+    """The ``triton`` backend: generated Triton kernels for the channelwise convolution.
+
+    Runs descriptors made of ``uvu`` paths whose ``irreps_in2`` blocks have multiplicity 1
+    (NequIP/MACE message passing), in float32 and float64, in both layouts, to any
+    derivative order, on CUDA devices. With ``TRITON_INTERPRET=1`` set it also accepts
+    CPU tensors (Triton's interpreter; slow, for tests). See :func:`triton_conv`.
+
+    Args:
+        reduction: the scatter-sum of :meth:`conv`, ``"deterministic"`` (default) or
+            ``"atomic"`` (see :data:`REDUCTIONS`).
+
+    Raises:
+        ValueError: for an unknown ``reduction``.
+    """
+
+    name = "triton"
+    priority = 20
+    support = BackendSupport(
+        ops=frozenset({"tensor_product", "conv"}),
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float32, torch.float64}),
+        layouts=frozenset(LAYOUTS),
+        max_derivative_order=None,
+    )
+
+    def __init__(self, reduction: str = "deterministic") -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+
+    def unavailable_reason(self) -> str | None:
+        """``"triton is not installed"`` when it cannot be imported, else ``None``."""
+        try:
+            found = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):  # a broken or blocked install
+            found = False
+        return None if found else "triton is not installed (pip install triton)"
+
+    def unsupported_reason(
+        self,
+        descriptor: TPDescriptor,
+        device: torch.device,
+        dtype: torch.dtype,
+        op: str,
+        derivative_order: int,
+    ) -> str | None:
+        """The registry's checks (CPU counts as supported under ``TRITON_INTERPRET=1``),
+        then the descriptor's paths (``uvu``, ``irreps_in2`` multiplicity 1)."""
+        if device.type == "cpu" and interpreter_enabled():
+            device = torch.device("cuda")
+        reason = super().unsupported_reason(descriptor, device, dtype, op, derivative_order)
+        if reason is not None:
+            return reason
+        return unsupported_descriptor_reason(descriptor)
+
+    def tensor_product(
+        self, descriptor: TPDescriptor, x1: Tensor, x2: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
+        """See :func:`triton_tensor_product`."""
+        return triton_tensor_product(descriptor, x1, x2, weight)
+
+    def conv(
+        self,
+        descriptor: TPDescriptor,
+        x_node: Tensor,
+        edge_attr: Tensor,
+        edge_weight: Tensor | None,
+        edge_src: Tensor,
+        edge_dst: Tensor,
+        num_nodes: int,
+    ) -> Tensor:
+        """See :func:`triton_conv` (with this backend's ``reduction``)."""
+        return triton_conv(
+            descriptor,
+            x_node,
+            edge_attr,
+            edge_weight,
+            edge_src,
+            edge_dst,
+            num_nodes,
+            reduction=self.reduction,
+        )
+
+    def __repr__(self) -> str:
+        return f"<torsion backend 'triton' (reduction={self.reduction!r})>"
+
+
+def register_triton_backend(
+    reduction: str = "deterministic", *, replace: bool = False
+) -> TritonBackend:
+    """Add the ``triton`` backend to the registry (it is not registered at import).
+
+    Once registered, ``backend="triton"`` selects it, and ``backend="auto"`` prefers it
+    (priority 20, above ``torch``) for the requests it supports: CUDA tensors, or CPU
+    tensors while ``TRITON_INTERPRET=1`` is set.
+
+    Args:
+        reduction: ``"deterministic"`` (default) or ``"atomic"``.
+        replace: replace a backend already registered as ``"triton"``. Default ``False``:
+            registering twice returns the registered backend if its reduction matches.
+
+    Returns:
+        The registered backend.
+
+    Raises:
+        ValueError: for an unknown ``reduction``, or when a ``"triton"`` backend with
+            another reduction is registered and ``replace`` is false.
+    """
+    backend = TritonBackend(reduction)
+    if not replace:
+        try:
+            existing = get_backend("triton")
+        except ValueError:
+            existing = None
+        if existing is not None:
+            if isinstance(existing, TritonBackend) and existing.reduction == reduction:
+                return existing
+            raise ValueError(
+                f"a 'triton' backend is already registered ({existing!r}); pass replace=True"
+            )
+    return register_backend(backend, replace=replace)
