@@ -11,15 +11,18 @@ Two measurements (issue 5):
   torsion's manifold). Targets: >= 5x faster than geoopt on manifold parameters, within
   1.5x of foreach Adam on Euclidean ones.
 * Time and iterations to a Riemannian gradient norm of 1e-8 (float64), torsion
-  ``minimize`` vs pymanopt, trust regions and conjugate gradients, same start and
-  tolerance: the dominant 10-dimensional subspace of a 2000x2000 symmetric matrix on
+  ``minimize`` vs pymanopt, trust regions and conjugate gradients (torsion's CG also with
+  ``transport="projection"``, the transport pymanopt uses), same start and tolerance:
+  the dominant 10-dimensional subspace of a 2000x2000 symmetric matrix on
   Grassmann(2000, 10); Procrustes on Stiefel(500, 50); the affine-invariant Karcher mean of
   200 SPD(20) matrices. Target: faster than pymanopt on every problem.
 
 Correctness is checked before timing: one step of torsion's optimizers equals one step of
-geoopt's (the same algorithm) from the same state on the same manifold, and torch's Adam
-on plain parameters; every ``minimize`` run and every pymanopt run reaches the tolerance
-and the two reach the same cost.
+geoopt's (the same algorithm) from the same state, on torsion's manifold and on geoopt's own
+implementation of the same geometry (``EuclideanStiefel``, ``SymmetricPositiveDefinite``),
+and torch's Adam on plain parameters; every ``minimize`` run reaches the tolerance, and
+where pymanopt's run does too (it may stop at its minimum step size) both reach the same
+cost.
 
     python benchmarks/bench_optim.py [--quick] [--out DIR] [--repeats N] [--threads N]
 """
@@ -137,21 +140,29 @@ def step_candidates(kind, points, grads) -> dict[str, torch.optim.Optimizer]:
     }
 
 
-# torsion candidate -> the anchor that runs the same algorithm on the same manifold
+# (torsion candidate, an anchor that runs the same algorithm with the same retraction and
+# transport): geoopt's optimizers on torsion's manifold, and on geoopt's own implementation
+# of the same geometry (EuclideanStiefel: QR retraction and projection transport;
+# SymmetricPositiveDefinite: the same second-order retraction and parallel transport)
 SAME_ALGORITHM = {
-    "euclidean": {"torsion Adam": "torch Adam foreach"},
-    "stiefel": {
-        "torsion Adam": "geoopt Adam (torsion Stiefel)",
-        "torsion SGD momentum": "geoopt SGD momentum (torsion Stiefel)",
-    },
-    "spd": {"torsion Adam": "geoopt Adam (torsion SPD)"},
+    "euclidean": [("torsion Adam", "torch Adam foreach")],
+    "stiefel": [
+        ("torsion Adam", "geoopt Adam (torsion Stiefel)"),
+        ("torsion Adam", "geoopt Adam (EuclideanStiefel)"),
+        ("torsion SGD momentum", "geoopt SGD momentum (torsion Stiefel)"),
+        ("torsion SGD momentum", "geoopt SGD momentum (EuclideanStiefel)"),
+    ],
+    "spd": [
+        ("torsion Adam", "geoopt Adam (torsion SPD)"),
+        ("torsion Adam", "geoopt Adam (geoopt SPD)"),
+    ],
 }
 
 
 def check_one_step(kind, points, grads) -> None:
     """One step of torsion's optimizer equals one step of the same algorithm elsewhere."""
-    candidates = step_candidates(kind, points, grads)
-    for ours, anchor in SAME_ALGORITHM[kind].items():
+    for ours, anchor in SAME_ALGORITHM[kind]:
+        candidates = step_candidates(kind, points, grads)
         if "SGD" in ours:
             # geoopt starts the momentum buffer at the raw gradient, torch and torsion at
             # the first Riemannian one; a zero buffer makes geoopt do the same
@@ -295,9 +306,18 @@ def karcher_mean(count: int, n: int, gen) -> dict:
 
 
 PYMANOPT_OPTIMIZERS = {"trust-region": TrustRegions, "cg": ConjugateGradient}
+# (row label, torsion method, torsion options); each row is compared with pymanopt's method.
+# pymanopt's vector transport on these manifolds is the projection, torsion's default
+# parallel transport where the manifold has it (Grassmann, SPD): the last row is CG with
+# the transport pymanopt uses.
+TORSION_METHODS = (
+    ("trust-region", "trust-region", {}),
+    ("cg", "cg", {}),
+    ("cg, projection transport", "cg", {"transport": "projection"}),
+)
 
 
-def run_torsion(problem: dict, method: str, max_iter: int) -> dict:
+def run_torsion(problem: dict, method: str, max_iter: int, options: dict | None = None) -> dict:
     start = time.perf_counter()
     result = minimize(
         problem["fun"],
@@ -306,6 +326,7 @@ def run_torsion(problem: dict, method: str, max_iter: int) -> dict:
         method=method,
         tol=TOL,
         max_iter=max_iter,
+        **(options or {}),
     )
     seconds = time.perf_counter() - start
     return {
@@ -346,15 +367,19 @@ def run_pymanopt(problem: dict, method: str, max_iter: int) -> dict:
 def minimize_runs(problems: list[dict], methods, max_iter: int) -> list[dict]:
     records = []
     for problem in problems:
-        for method in methods:
+        pymanopt_runs: dict[str, dict] = {}  # one pymanopt run per method and problem
+        for label, method, options in methods:
             # warm-up (first-call overheads), then the runs, alternating torsion / pymanopt
-            run_torsion(problem, method, 2)
-            run_pymanopt(problem, method, 2)
-            ours = run_torsion(problem, method, max_iter)
-            theirs = run_pymanopt(problem, method, max_iter)
+            run_torsion(problem, method, 2, options)
+            if method not in pymanopt_runs:
+                run_pymanopt(problem, method, 2)
+            ours = run_torsion(problem, method, max_iter, options)
+            if method not in pymanopt_runs:
+                pymanopt_runs[method] = run_pymanopt(problem, method, max_iter)
+            theirs = pymanopt_runs[method]
             if not ours["success"]:
                 raise CorrectnessError(
-                    f"{problem['name']} {method} torsion: gradient norm "
+                    f"{problem['name']} {label} torsion: gradient norm "
                     f"{ours['grad_norm']:.3g} > {TOL:g} after {ours['nit']} iterations"
                 )
             # pymanopt may stop short of the tolerance (its line search's minimum step
@@ -362,7 +387,7 @@ def minimize_runs(problems: list[dict], methods, max_iter: int) -> list[dict]:
             scale = max(1.0, abs(theirs["fun"]))
             if theirs["success"] and abs(ours["fun"] - theirs["fun"]) > 1e-8 * scale:
                 raise CorrectnessError(
-                    f"{problem['name']} {method}: torsion cost {ours['fun']!r} != pymanopt "
+                    f"{problem['name']} {label}: torsion cost {ours['fun']!r} != pymanopt "
                     f"cost {theirs['fun']!r}"
                 )
             # where pymanopt stops short, how long torsion took to its final gradient norm
@@ -379,14 +404,14 @@ def minimize_runs(problems: list[dict], methods, max_iter: int) -> list[dict]:
             records.append(
                 {
                     "problem": problem["name"],
-                    "method": method,
+                    "method": label,
                     "pymanopt_backend": problem["backend"],
                     "torsion": ours,
                     "pymanopt": theirs,
                 }
             )
             print(
-                f"{problem['name']} {method}: torsion {ours['nit']} it {ours['s']:.3f} s, "
+                f"{problem['name']} {label}: torsion {ours['nit']} it {ours['s']:.3f} s, "
                 f"pymanopt {theirs['nit']} it {theirs['s']:.3f} s ({theirs['stop']})",
                 flush=True,
             )
@@ -461,7 +486,7 @@ def main() -> int:
         problems = [dominant_subspace(2000, 10, gen), procrustes(500, 50, 1000, gen)]
         problems.append(karcher_mean(200, 20, gen))
     steps = optimizer_steps(configs, count, args)
-    runs = minimize_runs(problems, ("trust-region", "cg"), max_iter=5000)
+    runs = minimize_runs(problems, TORSION_METHODS, max_iter=5000)
     table = "\n\n".join([steps_table(steps, env["threads"]), minimize_table(runs)])
     print()
     print(table)

@@ -13,6 +13,11 @@ rounding; on plain parameters they are :class:`torch.optim.SGD` and
   manifolds treat leading dimensions as a batch. geoopt calls them once per parameter.
   On a CPU a batch is cut into chunks of about 512 KiB, which stay in cache between the
   dozen operations of an update;
+* where the step is a multiple of the vector it carries along (Adam's first moment,
+  heavy-ball momentum), the retraction and transport go through the manifold's
+  ``retr_transp_direction`` when it has one (:func:`retr_transp_direction`): on
+  :class:`~torsion.manifolds.SPDAffineInvariant` that transport needs no matrix square
+  root;
 * no step reads a device value back to the host; step counts live on the CPU, as in
   :class:`torch.optim.Adam`;
 * the optimizer state is keyed per parameter exactly as torch's
@@ -188,6 +193,27 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
                 write_back(momenta, batch.manifold.proju(at, stack(momenta)))
 
 
+def retr_transp_direction(
+    manifold: geoopt.Manifold, x: Tensor, direction: Tensor, t: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """``manifold.retr_transp(x, t * direction, direction)``: a step along a tangent vector
+    that is itself transported to the new point (Adam's first moment, heavy-ball momentum).
+
+    A manifold may provide a fused ``retr_transp_direction(x, direction, t)`` that uses
+    the step being parallel to the transported vector (with it,
+    :class:`~torsion.manifolds.SPDAffineInvariant` needs no matrix square root); any other
+    manifold gets ``retr_transp``.
+
+    Shapes:
+        ``x``, ``direction``: ``(B, *shape)``; ``t``: a number or a tensor broadcasting
+        against ``direction`` (one step length per point).
+    """
+    fused = getattr(manifold, "retr_transp_direction", None)
+    if fused is not None:
+        return fused(x, direction, t)
+    return manifold.retr_transp(x, t * direction, direction)
+
+
 def _momentum_buffers(state: dict, params: list[Tensor]) -> tuple[list[Tensor], list[int]]:
     """Each parameter's ``momentum_buffer`` (created, empty, where it has none yet) and the
     indices of the parameters that already had one."""
@@ -360,8 +386,10 @@ class RiemannianSGD(_BatchedRiemannianOptimizer):
             return
         buffers, held = _momentum_buffers(self.state, params)
         buffer = _accumulate(buffers, held, r, momentum, group["dampening"])
-        direction = r.add(buffer, alpha=momentum) if group["nesterov"] else buffer
-        x, buffer = manifold.retr_transp(x, -lr * direction, buffer)
+        if group["nesterov"]:
+            x, buffer = manifold.retr_transp(x, r.add(buffer, alpha=momentum).mul_(-lr), buffer)
+        else:
+            x, buffer = retr_transp_direction(manifold, x, buffer, -lr)
         write_back(params, x)
         write_back(buffers, buffer)
 
@@ -569,10 +597,14 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
         bias_correction2 = _per_sample(1 - beta2**t, exp_avg_sq)
         second = max_exp_avg_sq if amsgrad else exp_avg_sq
         denominator = second.div(bias_correction2).sqrt_().add_(group["eps"])
-        step = exp_avg * denominator.mul_(bias_correction1).reciprocal_().mul_(-group["lr"])
+        scale = denominator.mul_(bias_correction1).reciprocal_().mul_(-group["lr"])
         if weight_decay != 0 and group["decoupled_weight_decay"]:
-            step.add_(manifold.egrad2rgrad(x, x), alpha=-group["lr"] * weight_decay)
-        x, exp_avg = manifold.retr_transp(x, step, exp_avg)
+            step = (exp_avg * scale).add_(
+                manifold.egrad2rgrad(x, x), alpha=-group["lr"] * weight_decay
+            )
+            x, exp_avg = manifold.retr_transp(x, step, exp_avg)
+        else:
+            x, exp_avg = retr_transp_direction(manifold, x, exp_avg, scale)
 
         write_back(params, x)
         write_back([s["exp_avg"] for s in states], exp_avg)
