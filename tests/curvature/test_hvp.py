@@ -83,6 +83,22 @@ def test_gradient_graph_reuse(problem, generator):
         assert torch.equal(params[k], before[k]) and params[k].grad is None
 
 
+def test_gradient_graph_flat_block_products(problem, generator):
+    """``hvp_flat`` on flat blocks in both memory layouts (column-major ``(n, k)`` and the
+    transposed row-major block that eigsh passes) matches the dense Hessian."""
+    params, _, _, f, dense_h = problem
+    graph = GradientGraph(f, params)
+    V = torch.randn(N, 3, dtype=torch.float64, generator=generator)
+    for block in (V, V.T.contiguous().T, V[:, 1:2]):
+        before = block.clone()
+        out = graph.hvp_flat(block)
+        assert out.shape == block.shape
+        torch.testing.assert_close(out, dense_h @ block, atol=1e-10, rtol=0)
+        assert torch.equal(block, before)
+    with pytest.raises(ValueError, match="shape"):
+        graph.hvp_flat(torch.zeros(N + 1, 2, dtype=torch.float64))
+
+
 def test_tuple_params_and_key_order(problem, generator):
     params, _, _, f, dense_h = problem
     v = _random_tree(generator)

@@ -159,6 +159,9 @@ class GradientGraph:
             self._grads = _grad_or_zeros([value], self._inputs, [None], create_graph=True)
         self.value = value.detach()
         self.gradient = rebuild([g.detach() for g in self._grads])
+        self._shapes = [x.shape for x in self._inputs]
+        self._numels = [x.numel() for x in self._inputs]
+        self._size = sum(self._numels)
 
     def hvp(self, v: Any, *, block: bool = False) -> Any:
         """Hessian-vector product with ``v`` (or with each vector of a block)."""
@@ -168,6 +171,42 @@ class GradientGraph:
             return self._rebuild(self._product(v_leaves))
         columns = [self._product([x[i] for x in v_leaves]) for i in range(k)]
         return self._rebuild([torch.stack(c) for c in zip(*columns, strict=True)])
+
+    def hvp_flat(self, V: Tensor) -> Tensor:
+        """Hessian products with the columns of a flat block, for probe loops.
+
+        The flat layout concatenates the flattened leaves of ``params`` in order (dict
+        insertion order). No pytree is built: each column is split into views of the
+        leaves, each product is written straight into a row of one output buffer, and the
+        result is its transpose. A block whose columns are contiguous (``V.mT`` row-major,
+        as :func:`~torsion.curvature.eigsh` passes) is split without a copy; any other is
+        transposed once.
+
+        Args:
+            V: the block, one vector per column, in the flat layout of ``params``.
+
+        Returns:
+            The ``k`` Hessian-vector products, one per column.
+
+        Shapes:
+            ``V``: ``(n, k)`` with ``n`` the total number of parameter entries; the result
+            ``(n, k)`` (a transposed view of a contiguous ``(k, n)`` buffer).
+
+        Raises:
+            ValueError: ``V`` is not ``(n, k)``.
+        """
+        if V.ndim != 2 or V.shape[0] != self._size:
+            raise ValueError(f"V must have shape ({self._size}, k), got {tuple(V.shape)}")
+        # One transposing copy when the vectors are columns of a column-major block: a
+        # strided row would touch every cache line of the block in each product.
+        rows = V.mT.contiguous()
+        out = torch.empty(rows.shape, dtype=V.dtype, device=V.device)
+        for row, target in zip(rows, out, strict=True):
+            pieces = row.split(self._numels)
+            leaves = [p.view(s) for p, s in zip(pieces, self._shapes, strict=True)]
+            grads = self._product(leaves)
+            torch.cat([g.reshape(-1) for g in grads], out=target)
+        return out.mT
 
     def _product(self, v_leaves: list[Tensor]) -> list[Tensor]:
         return _grad_or_zeros(self._grads, self._inputs, v_leaves, retain_graph=True)

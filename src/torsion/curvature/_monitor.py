@@ -33,7 +33,8 @@ class SharpnessMonitor:
         every: check every this many calls.
         k: number of top eigenvalues.
         optimizer: optional; its groups' learning rates give the ``2 / lr`` thresholds.
-        tol: relative residual tolerance of each check's :func:`eigsh`.
+        tol: relative eigenvalue accuracy of each check's :func:`eigsh` (its default
+            ``criterion="eigenvalue"``; default ``1e-3``).
         params: parameter selection, as in :class:`HessianOperator`.
         generator: randomness of the first (cold) check.
 

@@ -296,21 +296,27 @@ class HessianOperator(_ModelOperator):
         self._graph: GradientGraph | None = None
         self._egrad: dict[str, Tensor] | None = None
 
-    def _euclidean(self, tree: dict[str, Tensor]) -> Tensor:
-        """Flat Euclidean Hessian products of a block pytree, summed over the ranks."""
-        with _eval_semantics(self._model):
-            if self.method == "graph_reuse":
-                if self._graph is None:
+    def _euclidean(self, V: Tensor) -> Tensor:
+        """Flat Euclidean Hessian products of a flat block ``(n, k)``, summed over the ranks.
+
+        With graph reuse a product is one backward through the cached graph: no pytree,
+        no eval-mode switch (the graph was recorded in eval mode; a backward runs no
+        module code), one copy of the block (:meth:`GradientGraph.hvp_flat`).
+        """
+        if self.method == "graph_reuse":
+            if self._graph is None:
+                with _eval_semantics(self._model):
                     f = self._loss_fn_of_params(self._batches[0])
                     self._graph = GradientGraph(f, self._params)
-                local = self._scaled(self.flatten(self._graph.hvp(tree, block=True)))
-            else:
-                local = 0
-                for batch, w in zip(self._batches, self._weights, strict=True):
-                    f = self._loss_fn_of_params(batch)
-                    local = local + w * self.flatten(
-                        hvp(f, self._params, tree, method=self.method, block=True)
-                    )
+            return self._all_reduce(self._scaled(self._graph.hvp_flat(V)))
+        tree = self.unflatten(V)
+        local = 0
+        with _eval_semantics(self._model):
+            for batch, w in zip(self._batches, self._weights, strict=True):
+                f = self._loss_fn_of_params(batch)
+                local = local + w * self.flatten(
+                    hvp(f, self._params, tree, method=self.method, block=True)
+                )
         return self._all_reduce(local)
 
     def _scaled(self, x: Tensor) -> Tensor:
@@ -333,12 +339,12 @@ class HessianOperator(_ModelOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         if not self._tangent:
-            return self._euclidean(self.unflatten(V))
+            return self._euclidean(V)
         tree = self.unflatten(V)
         for name, manifold in self._tangent.items():
             x = self._params[name]
             tree[name] = torch.stack([manifold.proju(x, u) for u in tree[name]])
-        ehess = self.unflatten(self._euclidean(tree))
+        ehess = self.unflatten(self._euclidean(self.flatten(tree)))
         egrad = self._gradient()
         for name, manifold in self._tangent.items():
             x, g = self._params[name], egrad[name]

@@ -13,8 +13,8 @@ All work happens on the operator's device and dtype; blocks of vectors go throug
 ``matmat`` call, so a vmapped HVP engine sees them together. No SciPy, no ARPACK.
 
 Host synchronisation: the products and the inner products never synchronise. The only
-synchronisations are the stopping tests of :func:`eigsh` (one per Lanczos step: the
-residual test and the rank test of the new block) and the estimator choice of
+synchronisations are the tests of :func:`eigsh` (per Lanczos step: the stopping test and
+the orthogonalisation tests of the new block) and the estimator choice of
 ``trace(method="auto")`` (once). Trace, diagonal and spectral-density estimates are
 computed without any synchronisation after the argument checks.
 
@@ -26,6 +26,13 @@ and returns rank 0's numbers. All ranks must call the same probe with the same a
 References:
 - K. Wu and H. Simon, Thick-restart Lanczos method for large symmetric eigenvalue
   problems, SIMAX 22 (2000).
+- G. W. Stewart, A Krylov-Schur algorithm for large eigenproblems, SIMAX 23 (2001).
+- A. Stathopoulos and K. Wu, A block orthogonalization procedure with constant
+  synchronization requirements, SISC 23 (2002) (SVQB).
+- B. N. Parlett, The Symmetric Eigenvalue Problem, SIAM 1998 (Kato-Temple inequality,
+  "twice is enough").
+- L. Lin, Y. Saad, C. Yang, Approximating spectral densities of large matrices, SIAM
+  Review 58 (2016).
 - M. F. Hutchinson, A stochastic estimator of the trace of the influence matrix, 1990.
 - R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, Hutch++: optimal stochastic trace
   estimation, SOSA 2021.
@@ -75,10 +82,17 @@ class EigshResult(NamedTuple):
 
     ``eigenvalues`` (k,) and ``eigenvectors`` (n, k) come in the *wanted* order: for
     ``"LA"`` the largest first, for ``"SA"`` the smallest first, for ``"LM"`` the largest
-    magnitude first. ``residuals`` (k,) are ``||A y - theta y||`` per pair. ``matvecs`` is
-    the number of operator-vector products spent (a block of ``j`` vectors counts ``j``).
-    ``eigenvector_trees`` holds one parameter pytree per eigenvector when the operator has
-    ``unflatten``, else ``None``.
+    magnitude first. ``residuals`` (k,) are ``||A y - theta y||`` per pair (from the
+    Krylov-Schur relation; equal to the explicit residual up to rounding): a rigorous
+    bound, some eigenvalue lies within ``residuals[i]`` of ``eigenvalues[i]``.
+    ``error_estimates`` (k,) are the eigenvalue error estimates of the stopping rule,
+    ``min(||r||, ||r||**2 / gap)`` plus the rounding of the Rayleigh-Ritz values (see
+    :func:`eigsh` for when the Kato-Temple part is a bound). ``matvecs`` is the number of
+    operator-vector products spent (a block of ``j`` vectors counts ``j``). ``converged``:
+    ``tol`` was met for every pair. ``stalled``: the residuals reached the rounding floor
+    of the products before ``tol`` was met (``eigsh`` warned). ``eigenvector_trees`` holds
+    one parameter pytree per eigenvector when the operator has ``unflatten``, else
+    ``None``.
     """
 
     eigenvalues: Tensor
@@ -87,6 +101,8 @@ class EigshResult(NamedTuple):
     matvecs: int
     converged: bool
     eigenvector_trees: tuple[Any, ...] | None = None
+    error_estimates: Tensor | None = None
+    stalled: bool = False
 
 
 class TraceEstimate(NamedTuple):
@@ -235,6 +251,12 @@ def _mean_and_standard_error(samples: Tensor, dim: int = -1) -> tuple[Tensor, Te
 
 # --------------------------------------------------------------------------- eigsh
 
+EigshCriterion = Literal["eigenvalue", "residual"]
+_CRITERIA = ("eigenvalue", "residual")
+_RESOLVED = 0.25  # a neighbour with a larger residual-to-distance ratio is unresolved
+_RESOLUTION = 4.0  # gaps below RESOLUTION * width / steps**2 may still hide eigenvalues
+_ONE_PASS = 0.1  # one Gram-Schmidt pass suffices when less than this fraction remains
+
 
 def _wanted_order(theta: Tensor, which: str) -> Tensor:
     if which == "LA":
@@ -244,38 +266,91 @@ def _wanted_order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def _orthonormal_extension(basis: Tensor, x: Tensor, drop: float) -> Tensor:
-    """Orthonormal columns spanning the part of ``span(x)`` orthogonal to ``basis``.
+def _as_rows(x: Tensor) -> Tensor:
+    """``x`` (``(b, n)``) with row-major strides. A transposed ``(n, 1)`` column has strides
+    ``(1, 1)``: contiguous, yet torch's copy kernels run 40x slower on it (measured)."""
+    return x.contiguous().view(x.shape)
 
-    Classical Gram-Schmidt twice ("twice is enough") against ``basis``, then an SVD of the
-    (column-normalised) block that drops directions whose new content is below ``drop``.
-    The rank test is one host synchronisation.
+
+def _project_out_(basis: Tensor, x: Tensor) -> Tensor:
+    """One classical Gram-Schmidt pass, in place: ``x <- x - (x V^T) V`` for the rows of
+    ``x`` against the orthonormal rows of ``basis`` (two matmuls); returns ``x V^T``.
+
+    In place because every fresh ``(b, n)`` tensor costs page faults on first touch,
+    which for large ``n`` rival the arithmetic of the pass itself (measured).
     """
-    norms = torch.linalg.vector_norm(x, dim=0)
-    x = x / torch.where(norms > 0, norms, torch.ones_like(norms))
-    for _ in range(2):
-        x = x - basis @ (basis.mT @ x)
-    if x.shape[1] == 1:  # the SVD of one column is its norm: skip LAPACK's tall-skinny path
-        s = torch.linalg.vector_norm(x, dim=0)
-        u = x / torch.where(s > 0, s, torch.ones_like(s))
-    else:
-        u, s, _ = torch.linalg.svd(x, full_matrices=False)
-    u = u[:, s > drop * max(1.0, x.shape[1]) ** 0.5]
-    if u.shape[1] == 0:
-        return u
-    # ``u`` rescales by 1/s; clean the basis component once more and re-orthonormalise.
-    u = u - basis @ (basis.mT @ u)
-    if u.shape[1] == 1:
-        return u / torch.linalg.vector_norm(u)
-    q, _ = torch.linalg.qr(u)
-    return q
+    coeff = x @ basis.mT
+    x.addmm_(coeff, basis, alpha=-1)
+    return coeff
+
+
+def _svqb(x: Tensor, drop: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """Orthonormal rows spanning the rows of ``x``, dropping singular values ``<= drop``.
+
+    SVQB (Stathopoulos & Wu 2002): the eigendecomposition of the small Gram matrix
+    ``x x^T`` (in float64) instead of a tall-skinny QR or SVD; one row is just normalised
+    (in place). Returns the rows ``q``, the norm of what was dropped and ``q x^T``
+    (``(r, b)``, from the Gram factors). The rank test is one host synchronisation.
+    """
+    if x.shape[0] == 1:
+        s = torch.linalg.vector_norm(x)
+        if bool(s <= drop):  # host sync: rank test
+            return x[:0], s, x.new_zeros(0, 1)
+        return x.div_(s), torch.zeros_like(s), s.reshape(1, 1)
+    gram = x.double() @ x.double().mT
+    w, u = torch.linalg.eigh(gram)
+    s = w.clamp_min(0).sqrt()
+    keep = s > drop  # boolean indexing below is the host sync of the rank test
+    u, kept, dropped = u[:, keep], s[keep], torch.linalg.vector_norm(s[~keep])
+    q = (u / kept).mT.to(x.dtype) @ x
+    return q, dropped.to(x.dtype), (kept[:, None] * u.mT).to(x.dtype)
+
+
+def _orthonormal_block(
+    basis: Tensor, x: Tensor, drop: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Orthonormal rows spanning the part of ``span(x)`` orthogonal to ``basis``.
+
+    Classical Gram-Schmidt twice ("twice is enough"; a single row skips the second pass
+    when the first cancelled little), then :func:`_svqb`, which drops
+    directions whose new content is ``<= drop`` times the largest row norm of ``x``; a
+    block of several rows gets one more Gram-Schmidt and SVQB pass (as in CholQR2), since
+    the rescaling by the inverse singular values amplifies the rounding of the first.
+    ``x`` is overwritten (the caller owns it).
+
+    Returns:
+        The orthonormal rows ``q``, the norm of the dropped part, ``q y^T`` for the
+        projected rows ``y = x - x V^T V`` (``(r, b)``: ``y``'s coordinates in ``q``) and
+        the coefficients ``x V^T``.
+    """
+    ref = torch.linalg.vector_norm(x, dim=1).max()
+    coeff = _project_out_(basis, x)
+    if x.shape[0] == 1:
+        s = torch.linalg.vector_norm(x)
+        # Kahan-Parlett: one pass leaves |V^T y| <= c eps ||x||, i.e. orthogonality to
+        # c eps ||x|| / ||y||; when little cancelled (||y|| > ||x|| / 10) that is already
+        # O(eps) and the second pass, half the cost, is skipped. One host sync.
+        if bool(s > _ONE_PASS * ref):
+            return x.div_(s), torch.zeros_like(s), s.reshape(1, 1), coeff
+    _project_out_(basis, x)
+    if x.shape[0] == 1:
+        q, dropped, coupling = _svqb(x, drop * ref)
+        return q, dropped, coupling, coeff
+    projected = x.clone()
+    q, dropped, _ = _svqb(x, drop * ref)
+    if q.shape[0] > 0:
+        _project_out_(basis, q)
+        q, _, _ = _svqb(q, 0.0)
+    return q, dropped, q @ projected.mT, coeff
 
 
 def _initial_block(
     v0: Any, op: Any, n: int, block: int, generator: torch.Generator | None
 ) -> Tensor:
+    """The first block as rows ``(j, n)``: ``v0``'s columns, padded with random vectors
+    to ``block`` rows when it has fewer."""
     if v0 is None:
-        return _randn(n, block, op, generator)
+        return _as_rows(_randn(n, block, op, generator).mT)
     if isinstance(v0, EigshResult):
         v0 = v0.eigenvectors
     if not isinstance(v0, Tensor):
@@ -292,7 +367,99 @@ def _initial_block(
         raise ValueError(f"v0 must have shape (n,) or (n, j) with n={n}, got {tuple(v0.shape)}")
     if v0.shape[1] > n:
         raise ValueError(f"v0 has {v0.shape[1]} columns, more than n={n}")
-    return v0.to(device=op.device, dtype=op.dtype)
+    rows = _as_rows(v0.to(device=op.device, dtype=op.dtype).mT)
+    if rows.shape[0] < block:
+        pad = _randn(n, min(block, n) - rows.shape[0], op, generator).mT
+        rows = torch.cat([rows, pad])
+    return rows
+
+
+class _KrylovSchur:
+    """State of the thick-restart block Lanczos: an orthonormal basis ``V`` (rows, in a
+    preallocated ``(capacity, n)`` buffer), the projection ``H = V A V^T`` (float64) and
+    the next block ``P``.
+
+    Invariant (the Krylov-Schur relation): ``A V^T = V^T H + P^T C`` with ``P``
+    orthonormal rows orthogonal to ``V``, so the residual of every Ritz pair
+    ``(theta_j, V^T s_j)`` is ``P^T C s_j`` and its norm ``||C s_j||``: residual norms of
+    all Ritz pairs come from a ``(b, m)`` matrix, without forming any Ritz vector.
+    """
+
+    def __init__(self, n: int, capacity: int, block: int, dtype: torch.dtype, device: torch.device):
+        self.rows = torch.empty(capacity, n, dtype=dtype, device=device)
+        self.work = torch.empty(block, n, dtype=dtype, device=device)
+        self.proj = torch.zeros(capacity, capacity, dtype=torch.float64, device=device)
+        self.size = 0
+
+    @property
+    def basis(self) -> Tensor:
+        return self.rows[: self.size]
+
+    def append(self, x: Tensor, ax: Tensor, drop: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Add the block ``x`` (orthonormal rows, orthogonal to ``V``) with its images
+        ``ax``; return the next block ``P``, the coupling ``C_new`` (``C``'s only nonzero
+        columns, those of ``x``) and the norm of the residual dropped by the rank test."""
+        m, b = self.size, x.shape[0]
+        self.rows[m : m + b] = x
+        self.size = m + b
+        self.work[:b] = ax  # the residual is formed in place in a reused buffer
+        p, dropped, coupling, coeff = _orthonormal_block(self.basis, self.work[:b], drop)
+        coeff = coeff.double()  # ax V^T: the new rows (and columns) of H
+        self.proj[m : m + b, : m + b] = coeff
+        self.proj[: m + b, m : m + b] = coeff.mT
+        diag = coeff[:, m:]
+        self.proj[m : m + b, m : m + b] = (diag + diag.mT) / 2
+        return p, coupling.double(), dropped
+
+    def ritz(self) -> tuple[Tensor, Tensor]:
+        """Ritz values (ascending, float64) and the coefficient matrix ``S``."""
+        m = self.size
+        return torch.linalg.eigh(self.proj[:m, :m])
+
+    def vectors(self, s: Tensor) -> Tensor:
+        """Ritz vectors ``S^T V`` as rows."""
+        return s.mT.to(self.rows.dtype) @ self.basis
+
+    def restart(self, s_keep: Tensor, theta_keep: Tensor) -> None:
+        """Thick restart: ``V <- S_keep^T V``, ``H <- diag(theta_keep)``; the next block
+        and its coupling are unchanged, so no product is spent."""
+        j = s_keep.shape[1]
+        self.rows[:j] = self.vectors(s_keep)
+        self.proj.zero_()
+        self.proj[:j, :j] = torch.diag(theta_keep)
+        self.size = j
+
+
+def _gaps(theta: Tensor, residual_norms: Tensor, k: int, resolution: Tensor) -> Tensor:
+    """Estimated distance from each Ritz value to the rest of the spectrum.
+
+    For Ritz values ``theta`` (ascending) with residual norms ``r``: the distance to each
+    neighbour minus that neighbour's residual norm (an eigenvalue lies within ``r_j`` of
+    ``theta_j``), the smaller of the two sides; the outer side of the extreme Ritz values
+    counts as infinitely far. Capped at ``resolution``: an eigenvalue closer than that to
+    a Ritz value may not have its own Ritz value yet (it hides in the Ritz vector), so no
+    larger gap is claimed. With at most ``k`` Ritz values there is no unwanted one to
+    estimate the gap from: all gaps are 0 (unknown).
+    """
+    m = theta.shape[0]
+    if m <= k:
+        return torch.zeros_like(theta)
+    inf = torch.full((1,), math.inf, dtype=theta.dtype, device=theta.device)
+    step = theta[1:] - theta[:-1]
+    # A neighbour whose residual is a sizeable part of the distance is itself unresolved.
+    lower = torch.where(residual_norms[:-1] <= _RESOLVED * step, step - residual_norms[:-1], 0)
+    upper = torch.where(residual_norms[1:] <= _RESOLVED * step, step - residual_norms[1:], 0)
+    lower, upper = torch.cat([inf, lower]), torch.cat([upper, inf])
+    return torch.minimum(torch.minimum(lower, upper), resolution)
+
+
+def _eigenvalue_error_estimates(residual_norms: Tensor, gaps: Tensor) -> Tensor:
+    """``min(||r||, ||r||^2 / gap)``: the Kato-Temple bound where the gap exceeds the
+    residual, else the residual bound (both hold for the eigenvalue nearest the Ritz
+    value, the first when ``gap`` is the true distance to the rest of the spectrum)."""
+    trusted = gaps > residual_norms
+    safe = torch.where(trusted, gaps, torch.ones_like(gaps))
+    return torch.where(trusted, residual_norms.square() / safe, residual_norms)
 
 
 def eigsh(
@@ -305,50 +472,99 @@ def eigsh(
     v0: Any = None,
     ncv: int | None = None,
     block_size: int | None = None,
+    criterion: EigshCriterion = "eigenvalue",
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> EigshResult:
     """A few extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
-    The search space is a (block) Krylov space kept orthonormal by full
-    reorthogonalisation (classical Gram-Schmidt twice). After every block of products the
-    Rayleigh-Ritz problem on the whole space is solved; the next block is the residual
-    ``A y - theta y`` of the not yet converged wanted Ritz vectors (for one vector this *is*
-    the next Lanczos vector; converged pairs are soft-locked and cost no more products).
-    When the space reaches ``ncv`` vectors it is restarted with the ``ncv // 2`` or so most
-    wanted Ritz vectors (thick restart), whose products are reused, so restarting costs
-    no products.
+    Block Lanczos in Krylov-Schur form: the search space is a block Krylov space kept
+    orthonormal by full reorthogonalisation (classical Gram-Schmidt twice, as matmuls
+    against a preallocated basis; new blocks orthonormalised by SVQB on their small Gram
+    matrix). After every block of products the Rayleigh-Ritz problem on the whole space
+    is solved, and the Krylov-Schur relation gives the residual norms of *all* Ritz pairs
+    from a ``(block, m)`` matrix, without forming Ritz vectors. When the space reaches
+    ``ncv`` vectors it is restarted with the ``ncv // 2`` or so most wanted Ritz vectors
+    (thick restart, Wu & Simon 2000; Stewart 2001), which costs no products.
+
+    Stopping rule (``criterion``), for each wanted Ritz pair ``(theta, y)`` with residual
+    ``r = A y - theta y`` and ``scale = max(|theta|, eps**(1/3) * anorm)`` (``anorm`` the
+    largest Ritz magnitude seen, so zero eigenvalues can converge):
+
+    - ``"eigenvalue"`` (default): stop when the *eigenvalue* error estimate
+      ``min(||r||, ||r||**2 / gap) <= tol * scale``. ``||r||`` bounds the distance from
+      ``theta`` to the nearest eigenvalue (always); ``||r||**2 / gap`` is the Kato-Temple
+      inequality (e.g. Parlett, *The Symmetric Eigenvalue Problem*; Saad, *Numerical
+      Methods for Large Eigenvalue Problems*), a bound when ``gap`` is the
+      distance from ``theta`` to the rest of the spectrum. That gap is estimated from the
+      neighbouring Ritz values, each moved towards ``theta`` by its residual norm; it is
+      not used (the residual bound applies) when a neighbour is itself unresolved (its
+      residual exceeds a quarter of its distance), when the space holds no unwanted Ritz
+      value (``k`` Ritz values only), or when it is below ``||r||`` (clustered values);
+      and it is capped at ``4 * width / steps**2``, the spacing below which a Krylov space
+      of that degree separates eigenvalues only slowly (Kaniel-Paige-Saad). The
+      eigenvalue error behaves like ``||r||**2 / gap``, so this needs fewer products than
+      the residual rule at the same ``tol``; the eigenvectors are then accurate to about
+      ``||r|| / gap``, roughly ``sqrt(tol)``.
+    - ``"residual"``: stop when ``||r|| <= tol * scale``, a rigorous bound on the
+      eigenvalue error (to the nearest eigenvalue) that needs no gap; eigenvalues then
+      come out far more accurate than ``tol`` (about ``(tol * scale)**2 / gap``) and
+      eigenvectors to about ``tol * scale / gap``.
+
+    What ``tol`` certifies with ``"eigenvalue"``: ``|lambda - theta| <= tol * scale`` for
+    the eigenvalue ``lambda`` nearest ``theta``, rigorously where the residual bound was
+    used, and where the Kato-Temple bound was used under the assumption that no eigenvalue
+    hides between ``theta`` and its neighbouring Ritz values. That assumption fails inside
+    a cluster narrower than the Krylov space has resolved: a single vector
+    (``block_size=1``) aimed at an eigenvalue ``1e-4`` from the next one can stop, at
+    ``tol=1e-6``, on a Ritz value between them, with an error up to the cluster's width
+    (which the rigorous ``residuals`` still bound). Use a block at least
+    as wide as the cluster, or ``criterion="residual"``, when ``tol`` is below the
+    relative spacing of the wanted eigenvalues. In any case, like every Krylov method,
+    a Ritz value the start vector hardly sees can be taken for the top one.
+
+    Rounding floor: the products of a float32 operator (or HVP) are accurate to about
+    ``sqrt(n) * eps * ||A||``, and residuals cannot go below that. When every wanted pair
+    not yet certified has ``||r|| <= max(100, sqrt(n)) * eps * anorm``, iterating further
+    cannot help: ``eigsh`` stops, sets ``stalled`` (and ``converged=False``) and warns;
+    ``residuals`` and ``error_estimates`` say what was reached.
 
     Args:
         op: symmetric operator (``shape``, ``dtype``, ``device``, ``matmat``).
         k: number of eigenpairs, ``1 <= k <= n``.
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest
             magnitude.
-        tol: relative residual: a pair is converged when
-            ``||A y - theta y|| <= tol * max(|theta|, eps**(1/3) * anorm)`` (``anorm`` the
-            largest Ritz magnitude seen, so zero eigenvalues can converge), and never asks
-            for less than ``100 * eps * anorm``. The eigenvalue error is then at most
-            ``||r||`` and about ``||r||**2 / gap``.
+        tol: relative tolerance of the stopping rule (default ``1e-6``), see above.
         max_iter: maximum number of block steps (each costs at most ``block_size``
             products); default ``max(100, 10 * n // block_size)`` capped at 10_000.
         v0: warm start: ``(n,)`` or ``(n, j)`` tensor (e.g. the previous eigenvectors), an
             :class:`EigshResult`, or a parameter pytree if ``op`` has ``flatten``. Its ``j``
-            columns form the first block.
+            columns form the first block (padded with random vectors to ``block_size``;
+            with ``j > block_size`` every block has ``j`` vectors).
         ncv: maximum dimension of the search space (default ``max(20, 2 * k + 6 *
             block_size)`` capped at ``n``).
         block_size: new directions per step; default ``k`` (block Lanczos for ``k > 1``),
             which finds eigenvalues of multiplicity up to ``block_size``. ``block_size=1``
-            needs fewer products when no eigenvalue is repeated (top-5 of a decaying
-            spectrum, n=300: about 23 products against 36-41 with blocks of 5) but, like
-            any single-vector Krylov method, sees only one copy of a repeated eigenvalue.
+            needs fewer products when no eigenvalue is repeated but, like any
+            single-vector Krylov method, sees only one copy of a repeated eigenvalue.
+        criterion: ``"eigenvalue"`` (default) or ``"residual"``, see above.
         generator: for the random start (and random refills after an invariant subspace).
         progress: show a tqdm bar of the products spent (when tqdm is installed).
 
     Returns:
-        :class:`EigshResult`. ``converged`` is ``False`` when ``max_iter`` ran out; the
-        best current approximations are returned then.
+        :class:`EigshResult`. ``converged`` is ``False`` when ``max_iter`` ran out or the
+        rounding floor was reached first (``stalled``); the best current approximations
+        are returned then.
 
-    One host synchronisation per step (the residual test, the rank test of the new block).
+    Raises:
+        ValueError: ``k`` outside ``[1, n]``, an unknown ``which`` or ``criterion``, a
+            non-positive ``tol``, a ``v0`` of the wrong shape, or ``ncv`` too small.
+        TypeError: ``op`` lacks the operator attributes, or a bad ``generator``/``v0``.
+
+    Shapes:
+        ``op``: ``(n, n)``; ``eigenvalues`` ``(k,)``; ``eigenvectors`` ``(n, k)``.
+
+    Host synchronisation: one stopping test per step and the rank test of the new block.
     Like every Krylov method (ARPACK included) it cannot see eigenvectors orthogonal to
     the start space; a random start avoids that with probability one.
     """
@@ -356,6 +572,8 @@ def eigsh(
     _check_generator(generator)
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     _check_count(k, "k", 1)
     if k > n:
         raise ValueError(f"k={k} eigenpairs requested but the operator has dimension n={n}")
@@ -363,6 +581,8 @@ def eigsh(
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     block = k if block_size is None else _check_count(block_size, "block_size", 1)
     block = min(block, n)
+    x = _initial_block(v0, op, n, block, generator)
+    block = max(block, x.shape[0])
     if ncv is None:
         ncv = min(n, max(20, 2 * k + 6 * block))
     else:
@@ -370,83 +590,109 @@ def eigsh(
         if ncv > n:
             raise ValueError(f"ncv={ncv} exceeds the dimension n={n}")
         if ncv < n and ncv < k + block:
-            raise ValueError(f"ncv={ncv} must be at least k + block_size = {k + block} (or n)")
+            raise ValueError(
+                f"ncv={ncv} must be at least k + block_size = {k + block} (or n); the block "
+                "is as wide as v0 when v0 has more columns than block_size"
+            )
     if max_iter is None:
         max_iter = min(10_000, max(100, 10 * n // block))
     else:
         _check_count(max_iter, "max_iter", 1)
     with _progress(op, progress, None, "eigsh") as op:
-        # Kept Ritz vectors at a restart: the wanted ones plus about half the rest.
-        keep = max(k, min(ncv - block, k + (ncv - k) // 2))
+        return _thick_restart_lanczos(
+            op, n, k, which, tol, max_iter, x, ncv, block, criterion, generator
+        )
 
-        dtype, device = op.dtype, op.device
-        eps = torch.finfo(dtype).eps
-        drop = eps**0.5
-        basis = torch.zeros(n, 0, dtype=dtype, device=device)
-        images = torch.zeros(n, 0, dtype=dtype, device=device)
-        proj = torch.zeros(0, 0, dtype=torch.float64, device=device)  # V^T A V
-        x = _initial_block(v0, op, n, block, generator)
-        matvecs = 0
-        converged = False
-        anorm = 0.0
-        theta_k = y = residual_norms = None
 
-        for _ in range(max_iter):
-            x = _orthonormal_extension(basis, x, drop)
-            room = n - basis.shape[1]
-            if x.shape[1] == 0:
-                # The space is invariant but the wanted pairs are not converged: refill randomly.
-                x = _orthonormal_extension(basis, _randn(n, min(block, room), op, generator), drop)
-            x = x[:, :room]
-            if x.shape[1] == 0:
-                break
-            ax = _apply(op, x)
-            matvecs += x.shape[1]
-            cross = (basis.mT @ ax).to(torch.float64)
-            diag = (x.mT @ ax).to(torch.float64)
-            diag = (diag + diag.mT) / 2
-            proj = torch.cat(
-                [torch.cat([proj, cross], dim=1), torch.cat([cross.mT, diag], dim=1)], dim=0
-            )
-            basis = torch.cat([basis, x], dim=1)
-            images = torch.cat([images, ax], dim=1)
-
-            theta, s = torch.linalg.eigh(proj)
+def _thick_restart_lanczos(
+    op: Any,
+    n: int,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    x: Tensor,
+    ncv: int,
+    block: int,
+    criterion: str,
+    generator: torch.Generator | None,
+) -> EigshResult:
+    """The iteration of :func:`eigsh` on validated arguments; ``x`` is the first block (rows)."""
+    dtype, device = op.dtype, op.device
+    eps = torch.finfo(dtype).eps
+    drop = eps**0.75  # new content (relative) below which a direction is rounding noise
+    noise = max(100.0, n**0.5) * eps  # rounding floor of the residuals, relative to anorm
+    # Kept Ritz vectors at a restart: the wanted ones plus about half the rest.
+    keep = max(k, min(ncv - block, k + (ncv - k) // 2))
+    space = _KrylovSchur(n, ncv, block, dtype, device)
+    x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    x = _orthonormal_block(space.basis, x, drop)[0]
+    matvecs, stop = 0, 0
+    lost = torch.zeros((), dtype=torch.float64, device=device)  # residual norm dropped
+    anorm = torch.zeros((), dtype=torch.float64, device=device)
+    width = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
+    theta = s = order = sel = res_k = bounds = None
+    for _ in range(max_iter):
+        if order is not None and space.size + min(x.shape[0], block) > ncv:
+            kept = order[:keep]  # thick restart: keep the most wanted Ritz vectors
+            space.restart(s[:, kept], theta[kept])
+            theta, s = space.ritz()  # the same pairs, now in the restarted basis
             order = _wanted_order(theta, which)
             sel = order[:k]
-            s_k = s[:, sel].to(dtype)
-            theta_k = theta[sel].to(dtype)
-            y = basis @ s_k
-            r = images @ s_k - y * theta_k
-            residual_norms = torch.linalg.vector_norm(r, dim=0)
-
-            anorm = max(anorm, float(theta.abs().max()))  # host sync: stopping test
-            scale = torch.clamp(theta_k.abs(), min=eps ** (1 / 3) * anorm)
-            thresholds = torch.clamp(tol * scale, min=100 * eps * anorm)
-            done = residual_norms <= thresholds
-            if bool(done.all()) or basis.shape[1] >= n:  # host sync: stopping test
-                converged = True
-                break
-
-            if basis.shape[1] + block > ncv:  # thick restart: keep the most wanted Ritz vectors
-                kept = order[:keep]
-                s_keep = s[:, kept].to(dtype)
-                basis = basis @ s_keep
-                images = images @ s_keep
-                proj = torch.diag(theta[kept])
-            x = r[:, ~done]
-            if x.shape[1] > block:  # compress the residuals to the block's dominant directions
-                x = x / torch.linalg.vector_norm(x, dim=0)
-                u, _, _ = torch.linalg.svd(x, full_matrices=False)
-                x = u[:, :block]
-
-        if y is None:  # pragma: no cover - max_iter >= 1 always runs one step
-            raise RuntimeError("eigsh ran no step")
-        theta_k, y, residual_norms = (_shared(op, t) for t in (theta_k, y, residual_norms))
-        trees = None
-        if callable(getattr(op, "unflatten", None)):
-            trees = tuple(op.unflatten(y[:, i]) for i in range(k))
-        return EigshResult(theta_k, y, residual_norms, matvecs, converged, trees)
+        if x.shape[0] == 0:  # invariant subspace, wanted pairs not certified: refill
+            fresh = _as_rows(_randn(n, min(block, n - space.size), op, generator).mT)
+            x = _orthonormal_block(space.basis, fresh, drop)[0]
+        x = _shared(op, x[: n - space.size])
+        if x.shape[0] == 0:
+            break
+        ax = _as_rows(_apply(op, x.mT).mT)
+        matvecs += x.shape[0]
+        b = x.shape[0]
+        x, coupling, dropped = space.append(x, ax, drop)
+        lost = torch.linalg.vector_norm(torch.stack([lost, dropped.double()]))
+        theta, s = space.ritz()
+        m = space.size
+        residual_norms = torch.linalg.vector_norm(coupling @ s[m - b :], dim=0) + lost
+        order = _wanted_order(theta, which)
+        sel = order[:k]
+        anorm = torch.maximum(anorm, theta.abs().max())
+        # Krylov resolution: after j steps a Krylov space separates eigenvalues closer
+        # than about width / j**2 (the Chebyshev bound of Kaniel-Paige-Saad) only slowly.
+        width = torch.maximum(width, theta.max() - theta.min())
+        steps += 1
+        gaps = _gaps(theta, residual_norms, k, _RESOLUTION * width / steps**2)
+        bounds = _eigenvalue_error_estimates(residual_norms, gaps)[sel]
+        res_k = residual_norms[sel]
+        measure = bounds if criterion == "eigenvalue" else res_k
+        target = tol * torch.clamp(theta[sel].abs(), min=eps ** (1 / 3) * anorm)
+        done = measure <= target
+        at_floor = res_k <= noise * anorm
+        code = 2 * done.all().to(torch.int64) + (done | at_floor).all().to(torch.int64)
+        stop = 3 if m >= n else int(_shared(op, code))  # host sync: the stopping test
+        if stop:
+            break
+    if theta is None:  # pragma: no cover - max_iter >= 1 always runs one product
+        raise RuntimeError("eigsh ran no step")
+    if space.size >= n:  # the whole space: Ritz pairs are exact
+        bounds = res_k = torch.zeros_like(res_k)
+    bounds = bounds + space.size * eps * anorm  # rounding of the Rayleigh-Ritz values
+    if stop == 1:
+        warnings.warn(
+            f"eigsh: the residuals reached the rounding floor of the {dtype} products "
+            f"(||r|| <= {float(noise * anorm):.1e}) before tol={tol} could be certified; "
+            f"the eigenvalues are returned with error estimates up to {float(bounds.max()):.1e} "
+            "(EigshResult.error_estimates; residuals: rigorous bounds). Use a float64 "
+            "operator or a larger tol.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    y = space.vectors(s[:, sel]).mT.contiguous()
+    theta_k, y, res_k, bounds = (_shared(op, t.to(dtype)) for t in (theta[sel], y, res_k, bounds))
+    trees = None
+    if callable(getattr(op, "unflatten", None)):
+        trees = tuple(op.unflatten(y[:, i]) for i in range(k))
+    return EigshResult(theta_k, y, res_k, matvecs, stop == 3, trees, bounds, stop == 1)
 
 
 # --------------------------------------------------------------------------- trace
@@ -754,6 +1000,32 @@ def slq_quadrature(
     return _shared(op, nodes), _shared(op, vecs[:, 0, :].square())
 
 
+def _default_sigma(nodes: Tensor, weights: Tensor) -> Tensor:
+    """Half the typical spacing of the Gauss nodes where the spectral mass is.
+
+    The local spacing of node ``j`` of a probe is the mean distance to its neighbours;
+    the weighted median over all nodes (weights = quadrature weights) is the resolution
+    of the quadrature where most eigenvalues are, and half of it smooths the comb of
+    nodes without washing out the bulk. A width proportional to the whole spectral range
+    would be set by a few outliers, which stretch the range but carry no mass. Falls back
+    to 1 % of the node range (at least ``1e-3`` of the largest node magnitude; 1 for the
+    zero operator) with a single node per probe or coinciding nodes. No host sync.
+    """
+    lo, hi = nodes.min(), nodes.max()
+    width = torch.maximum(hi - lo, 1e-3 * nodes.abs().max())
+    fallback = torch.where(width > 0, 0.01 * width, torch.ones_like(width))
+    if nodes.shape[1] < 2:
+        return fallback
+    gaps = nodes.diff(dim=1)  # nodes come sorted from eigh
+    local = torch.cat([gaps[:, :1], (gaps[:, 1:] + gaps[:, :-1]) / 2, gaps[:, -1:]], dim=1)
+    local, mass = local.flatten(), weights.flatten()
+    order = torch.argsort(local)
+    cumulative = torch.cumsum(mass[order], dim=0)
+    half = torch.searchsorted(cumulative, cumulative[-1:] / 2).clamp_max(local.numel() - 1)
+    sigma = 0.5 * local[order][half[0]]
+    return torch.where(sigma > 1e-3 * width, sigma, fallback)
+
+
 def spectral_density(
     op: Any,
     num_probes: int,
@@ -774,8 +1046,13 @@ def spectral_density(
         num_probes, num_steps: as in :func:`slq_quadrature`.
         grid: evaluation points ``(g,)``, or a number of points (default 1000) spread over
             ``[min node - 6 sigma, max node + 6 sigma]``.
-        sigma: Gaussian width; default 1% of the node range (at least ``1e-3`` of the
-            largest node magnitude; 1 for the zero operator).
+        sigma: Gaussian width. Default: half the weighted median spacing of the Gauss
+            nodes (the quadrature's own resolution where the eigenvalues are, in the
+            spirit of Lin, Saad & Yang 2016, whose broadening follows the resolution of
+            the degree-``num_steps`` approximation); unlike a fraction of the spectral
+            range it is not inflated by a few outlying eigenvalues (a trained network's
+            Hessian: a bulk near zero and outliers far out). Falls back to 1 % of the node
+            range with ``num_steps=1``.
         progress: show a tqdm bar of the products (when tqdm is installed).
 
     Returns:
@@ -794,8 +1071,7 @@ def spectral_density(
     )
     lo, hi = nodes.min(), nodes.max()
     if sigma is None:
-        width = torch.maximum(hi - lo, 1e-3 * nodes.abs().max())
-        sig = torch.where(width > 0, 0.01 * width, torch.ones_like(width))
+        sig = _default_sigma(nodes, weights)
     else:
         sig = torch.tensor(float(sigma), dtype=op.dtype, device=op.device)
     if not isinstance(grid, Tensor):
