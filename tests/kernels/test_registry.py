@@ -58,6 +58,14 @@ class _Unavailable(_FastCPUFloat32):
         return "the package 'imaginary' is not installed"
 
 
+@pytest.fixture(autouse=True)
+def _without_default_fast_backend():
+    """These tests are about the registry itself: the default ``torch`` backend steps aside."""
+    torch_backend = unregister_backend("torch")
+    yield
+    register_backend(torch_backend)
+
+
 @pytest.fixture
 def fast():
     backend = register_backend(_FastCPUFloat32())

@@ -10,12 +10,16 @@
   :class:`UnsupportedBackendError`; there is no silent fallback;
 * backends: ``reference`` (:class:`ReferenceBackend`, plain PyTorch einsums, every
   descriptor, any device and derivative order; the oracle in tests) and ``torch``
-  (:class:`TorchBackend`, the fast path in plain PyTorch: channels-contiguous blocks, CG
-  coefficients contracted with the second input once per sample, chunked fused message
-  passing; correct to 1e-10 against the reference, but not registered by default
-  because it is still slower than e3nn (0.4-0.7x on the MACE problem):
-  ``register_backend(TorchBackend())`` enables it). The CUDA backend (``triton``,
-  imported lazily) is planned;
+  (:class:`TorchBackend`, the fast path in plain PyTorch, registered by default with a
+  higher priority, so ``"auto"`` picks it on CPU and CUDA: all paths of a convolution
+  merged into one per-edge matrix product, fused chunked message passing
+  (:func:`torch_conv`), and ``torch.library`` custom ops whose backward and double
+  backward are explicit tensor products; see :mod:`torsion.kernels._torch` for the
+  force-training recipe under ``torch.compile``). The CUDA backend ``triton`` lives in
+  :mod:`torsion.kernels.triton` (imported only on demand, triton itself lazily): generated
+  Triton kernels for channelwise message passing, registered with
+  :func:`torsion.kernels.triton.register_triton_backend`; with ``TRITON_INTERPRET=1``
+  they also run on CPU tensors;
 * :func:`convert_layout` between the ``mul_ir`` and ``ir_mul`` tensor layouts.
 """
 
@@ -35,12 +39,14 @@ from torsion.kernels._registry import (
     resolve,
     unregister_backend,
 )
-from torsion.kernels._torch import TorchBackend, torch_conv, torch_tensor_product
+from torsion.kernels._torch import REDUCTIONS, TorchBackend, torch_conv, torch_tensor_product
 
 register_backend(ReferenceBackend())
+register_backend(TorchBackend())
 
 __all__ = [
     "KERNEL_OPS",
+    "REDUCTIONS",
     "Backend",
     "BackendInfo",
     "BackendSupport",

@@ -1,29 +1,56 @@
-"""The ``torch`` backend: the tensor product in plain PyTorch, restructured for speed.
+"""The ``torch`` backend: the fast tensor product and fused message passing in plain PyTorch.
 
-Each path works in the ``ir_mul`` (channels-contiguous) block layout internally, blocks
-shaped ``(..., ir.dim, mul)``, converting at the boundary. The Clebsch-Gordan (Wigner 3j)
-coefficients are contracted with the second input once per sample and shared by all
-channels (``A[..., v, i, k] = C[i, j, k] x2[..., v, j]``), after which a path is one batched
-matrix product with the channels. The intermediate is ``(..., v, k, u)``: output-sized when
-the second input has multiplicity 1 (channelwise convolutions), a ``(u, v)`` outer product
-otherwise (``uvw`` and ``uvu`` with ``v > 1``). The coefficients are cached per
-``(l1, l2, l_out, dtype, device)``.
+How it is fast (details in :mod:`torsion.kernels._torch_plan`):
 
-Message passing (:func:`torch_conv`) gathers senders, evaluates the tensor product and
-scatter-sums into receivers with ``index_add_``, in chunks of edges so that the per-edge
-intermediates stay bounded.
+* for the convolution case (every path ``uvu``, edge attributes of multiplicity 1, as in
+  NequIP and MACE) the Clebsch-Gordan blocks of *all* paths are contracted with the edge
+  attributes once per edge into one small matrix ``M[e]`` (output components x input
+  components), shared by all channels; one batched matrix product with the node features
+  laid out channels-contiguous (``ir_mul``) gives every path at once, and one broadcast
+  multiply applies the per-edge weights. No per-channel outer product is formed;
+* every other descriptor (``uvw``, ``uuu``, ``uvu`` with multiplicities on both inputs)
+  runs one einsum per path;
+* work is cut into chunks of about 2 MiB of intermediates, which stay in cache;
+* message passing (:func:`torch_conv`) is fused: per chunk of edges, gather the senders,
+  evaluate, and scatter-sum into the receivers, either with ``index_add_``
+  (``reduction="index_add"``; atomic, so not bitwise reproducible, on CUDA) or with a
+  receiver-sorted segment reduction (``reduction="sorted"``, deterministic on every
+  device); ``"auto"`` (default) takes ``index_add_`` on CPU, where it is deterministic.
 
-Derivatives (any order, so forces and force training work) come from autograd through
-these operations; explicit backward/double-backward custom ops are not written yet. Measured
-on a shared 2-core CPU this path is not yet faster than e3nn's unfused pipeline.
+Derivatives. The tensor product is trilinear, so its gradient with respect to any input
+is again a tensor product with the roles permuted (the gradient with respect to ``x1`` is
+the product of ``grad_out`` with ``x2`` through the transposed coefficients, and so on).
+The ops are ``torch.library`` custom ops (``torsion::tp_slot``, ``torsion::conv_slot``,
+and for message passing the fused first-order backward ``torsion::conv_grads`` and the
+second-order ``torsion::conv_slot_pair``; see :mod:`torsion.kernels._torch_ops`) whose
+registered backward calls the same ops, so backward, double backward (forces, and force
+training) and higher orders are explicit tensor products, with fake (meta)
+implementations for ``torch.compile``.
+
+Force training with ``torch.compile``. ``aot_autograd`` cannot differentiate twice through
+a compiled region: both ``torch.compile(energy)`` and a compiled function that returns
+energy *and* forces (``autograd.grad(..., create_graph=True)`` inside) raise "torch.compile
+with aot_autograd does not currently support double backward" as soon as the force loss
+is backpropagated. The recipe:
+
+* inference and molecular dynamics (forces, first order): compile the energy, take forces
+  with one ``torch.autograd.grad`` (no ``create_graph``); the custom ops trace with
+  ``fullgraph=True``;
+* force training (a loss on forces, so double backward): run the energy eagerly. The heavy
+  work is in the custom ops, whose backward and double backward are the explicit
+  tensor-product kernels above, so eager mode loses little::
+
+      energy = model(pos)                                        # eager, not compiled
+      (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=True)
+      loss = e_weight * (energy - e_ref).pow(2).mean() + f_weight * (grad + f_ref).pow(2).mean()
+      loss.backward()                                            # double backward, explicit
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Literal
 
 import torch
-from e3nn import o3
 from torch import Tensor
 
 from torsion.kernels._checks import (
@@ -31,84 +58,16 @@ from torsion.kernels._checks import (
     check_edge_indices_in_range,
     check_tensor_product_inputs,
 )
-from torsion.kernels._layout import join_blocks, split_blocks
 from torsion.kernels._registry import Backend, BackendSupport
-from torsion.reps import LAYOUTS, Path, PathMode, TPDescriptor
+from torsion.kernels._torch_ops import conv_slot, plan_handle, tp_slot
+from torsion.kernels._torch_plan import SLOT_OUT
+from torsion.reps import LAYOUTS, TPDescriptor
 
-__all__ = ["TorchBackend", "torch_conv", "torch_tensor_product"]
+__all__ = ["REDUCTIONS", "TorchBackend", "torch_conv", "torch_tensor_product"]
 
-#: Edges per chunk of :func:`torch_conv` is ``_CHUNK_ELEMENTS // (row width)``.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-@functools.lru_cache(maxsize=512)
-def _cg(l1: int, l2: int, l_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Wigner 3j block ``(2 l1 + 1, 2 l2 + 1, 2 l_out + 1)``, computed in float64 and cast."""
-    return o3.wigner_3j(l1, l2, l_out, dtype=torch.float64).to(dtype=dtype, device=device)
-
-
-def _path_output(
-    path: Path, x1: Tensor, x2: Tensor, weight: Tensor | None, cg: Tensor, per_sample: bool
-) -> Tensor:
-    """One path's contribution, channels contiguous.
-
-    ``x1``: ``(B, i, u)``, ``x2``: ``(B, j, v)``, ``cg``: ``(i, j, k)``, ``weight``: the
-    path's block ``path_shape`` or ``(B, *path_shape)``. Returns ``(B, k, u or w)``.
-    """
-    # CG contracted with x2 once per sample, shared by all channels of x1.
-    a = torch.einsum("ijk,bjv->bvik", cg, x2)
-    if path.mode is PathMode.uuu:
-        out = torch.einsum("biu,buik->bku", x1, a)
-        if weight is not None:
-            out = out * (weight[:, None, :] if per_sample else weight)
-    else:
-        # (B, v, k, u): one batched matmul A^T x1 per sample.
-        pair = torch.matmul(a.transpose(-1, -2), x1[:, None])
-        if path.mode is PathMode.uvw:
-            eq = "bvku,buvw->bkw" if per_sample else "bvku,uvw->bkw"
-            out = torch.einsum(eq, pair, weight)
-        elif weight is not None:
-            eq = "bvku,buv->bku" if per_sample else "bvku,uv->bku"
-            out = torch.einsum(eq, pair, weight)
-        else:
-            out = pair.sum(dim=1)
-    return path.path_weight * out
-
-
-def _flat_tensor_product(
-    descriptor: TPDescriptor, x1: Tensor, x2: Tensor, weight: Tensor | None, per_sample: bool
-) -> Tensor:
-    """The tensor product of 2-D inputs ``(B, dim)`` (weights ``(B, numel)`` or ``(numel,)``)."""
-    batch = x1.shape[0]
-    blocks1 = [
-        b.transpose(-1, -2) for b in split_blocks(x1, descriptor.irreps_in1, descriptor.layout)
-    ]
-    blocks2 = [
-        b.transpose(-1, -2) for b in split_blocks(x2, descriptor.irreps_in2, descriptor.layout)
-    ]
-    contributions: list[Tensor | None] = [None] * len(descriptor.irreps_out)
-    for path, shape, where in zip(
-        descriptor.paths, descriptor.path_shapes, descriptor.weight_slices, strict=True
-    ):
-        path_weight = None
-        if where is not None:
-            path_weight = weight[..., where].reshape(*weight.shape[:-1], *shape)
-        cg = _cg(
-            descriptor.irreps_in1[path.in1].ir.l,
-            descriptor.irreps_in2[path.in2].ir.l,
-            descriptor.irreps_out[path.out].ir.l,
-            x1.dtype,
-            x1.device,
-        )
-        term = _path_output(path, blocks1[path.in1], blocks2[path.in2], path_weight, cg, per_sample)
-        previous = contributions[path.out]
-        contributions[path.out] = term if previous is None else previous + term
-    out_blocks = []
-    for (mul, ir), block in zip(descriptor.irreps_out, contributions, strict=True):
-        if block is None:
-            block = x1.new_zeros((batch, ir.dim, mul))
-        out_blocks.append(block.transpose(-1, -2))
-    return join_blocks(out_blocks, descriptor.layout, like=x1)
+Reduction = Literal["auto", "sorted", "index_add"]
+#: Scatter-sum strategies of :func:`torch_conv`.
+REDUCTIONS: tuple[str, ...] = ("auto", "sorted", "index_add")
 
 
 def torch_tensor_product(
@@ -116,6 +75,9 @@ def torch_tensor_product(
 ) -> Tensor:
     """Evaluate ``descriptor`` with the fast path; same contract as
     :func:`torsion.kernels.reference_tensor_product`.
+
+    Differentiable to any order through explicit tensor-product derivatives; traceable by
+    ``torch.compile`` (custom op with a fake implementation).
 
     Args:
         descriptor: the tensor product; ``x1``, ``x2`` and the result are in its layout.
@@ -134,13 +96,27 @@ def torch_tensor_product(
         ``x1``: ``(..., irreps_in1.dim)``, ``x2``: ``(..., irreps_in2.dim)``; leading shapes
         broadcast. Output: ``(..., irreps_out.dim)``.
     """
-    batch, per_sample = check_tensor_product_inputs(descriptor, x1, x2, weight)
+    if torch.compiler.is_compiling():
+        # Dynamo sees the descriptor only through the constant plan handle; the op's fake
+        # implementation checks the shapes against the plan while tracing.
+        per_sample = weight is not None and weight.dim() > 1
+        leading = [x1.shape[:-1], x2.shape[:-1], *([weight.shape[:-1]] if per_sample else [])]
+        batch = torch.broadcast_shapes(*leading)
+    else:
+        batch, per_sample = check_tensor_product_inputs(descriptor, x1, x2, weight)
     x1 = x1.expand(*batch, x1.shape[-1]).reshape(-1, x1.shape[-1])
     x2 = x2.expand(*batch, x2.shape[-1]).reshape(-1, x2.shape[-1])
     if per_sample:
         weight = weight.expand(*batch, weight.shape[-1]).reshape(-1, weight.shape[-1])
-    out = _flat_tensor_product(descriptor, x1, x2, weight, per_sample)
-    return out.reshape(*batch, descriptor.irreps_out.dim)
+    if weight is not None and weight.shape[-1] == 0:
+        weight = None
+    out = tp_slot(plan_handle(descriptor), SLOT_OUT, per_sample, False, x1, x2, weight, None)
+    return out.reshape(*batch, out.shape[-1])
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def torch_conv(
@@ -151,13 +127,18 @@ def torch_conv(
     edge_src: Tensor,
     edge_dst: Tensor,
     num_nodes: int,
+    *,
+    reduction: Reduction = "auto",
 ) -> Tensor:
-    """Fused message passing: gather senders, tensor product, ``index_add`` into receivers.
+    """Fused message passing: per chunk of edges, gather senders, tensor product, scatter-sum.
 
-    Same contract as :func:`torsion.kernels.reference_conv`; edges are processed in chunks
-    so that per-edge intermediates stay bounded. The edge indices are checked against their
-    ranges (one host sync). ``index_add_`` is the scatter (atomic on CUDA, so the float
-    summation order there is not deterministic).
+    Same contract as :func:`torsion.kernels.reference_conv`. Nothing per edge is kept
+    beyond one chunk (about 2 MiB of intermediates); derivatives of any order are fused
+    the same way (the gradient for ``x_node`` gathers at the receivers and scatters to the
+    senders). In eager mode the inputs are validated and the edge indices checked against
+    their ranges (one host sync); under ``torch.compile`` the op's fake implementation
+    checks the shapes while tracing, the range check is skipped and ``index_select``
+    reports a bad index.
 
     Args:
         descriptor: the tensor product applied on every edge.
@@ -167,43 +148,63 @@ def torch_conv(
         edge_src: sender of each edge.
         edge_dst: receiver of each edge.
         num_nodes: number of output rows.
+        reduction: how messages are summed into receivers. ``"sorted"``: edges are sorted
+            by receiver (by sender for the ``x_node`` gradient) and each receiver's messages
+            summed by a segment reduction, then added once, so results are bitwise
+            reproducible on every device; ``"index_add"``: ``index_add_`` in edge order
+            (deterministic on CPU, atomic and so not bitwise reproducible on CUDA);
+            ``"auto"`` (default): ``"index_add"`` on CPU (faster, and already
+            deterministic there), ``"sorted"`` elsewhere.
 
     Returns:
         The summed messages per receiver.
 
     Raises:
-        TypeError, ValueError: as :func:`torsion.kernels.conv` documents.
+        TypeError, ValueError: as :func:`torsion.kernels.conv` documents; ``ValueError``
+            for an unknown ``reduction``.
 
     Shapes:
         ``x_node``: ``(N, irreps_in1.dim)``, ``edge_attr``: ``(E, irreps_in2.dim)``,
         ``edge_src``, ``edge_dst``: ``(E,)``; output ``(num_nodes, irreps_out.dim)``.
     """
-    num_nodes = check_conv_inputs(
-        descriptor, x_node, edge_attr, edge_weight, edge_src, edge_dst, num_nodes
-    )
-    check_edge_indices_in_range(edge_src, edge_dst, x_node.shape[0], num_nodes)
-    per_edge = edge_weight is not None and edge_weight.dim() == 2
-    num_edges = edge_src.shape[0]
-    width = descriptor.irreps_in1.dim + descriptor.irreps_out.dim + max(descriptor.weight_numel, 1)
-    chunk = max(1, _CHUNK_ELEMENTS // width)
-    out = x_node.new_zeros((num_nodes, descriptor.irreps_out.dim))
-    for start in range(0, num_edges, chunk):
-        stop = min(start + chunk, num_edges)
-        weight = edge_weight[start:stop] if per_edge else edge_weight
-        messages = _flat_tensor_product(
-            descriptor,
-            x_node.index_select(0, edge_src[start:stop]),
-            edge_attr[start:stop],
-            weight,
-            per_edge,
+    _check_reduction(reduction)
+    if not torch.compiler.is_compiling():
+        num_nodes = check_conv_inputs(
+            descriptor, x_node, edge_attr, edge_weight, edge_src, edge_dst, num_nodes
         )
-        out = out.index_add(0, edge_dst[start:stop], messages)
-    return out
+        check_edge_indices_in_range(edge_src, edge_dst, x_node.shape[0], num_nodes)
+    per_edge = edge_weight is not None and edge_weight.dim() == 2
+    if edge_weight is not None and edge_weight.shape[-1] == 0:
+        edge_weight = None
+    return conv_slot(
+        plan_handle(descriptor),
+        SLOT_OUT,
+        per_edge,
+        False,
+        reduction == "sorted" or (reduction == "auto" and x_node.device.type != "cpu"),
+        x_node,
+        edge_attr,
+        edge_weight,
+        None,
+        edge_src,
+        edge_dst,
+        x_node.shape[0],
+        num_nodes,
+    )
 
 
 class TorchBackend(Backend):
-    """The ``torch`` backend: every descriptor (all path modes), CPU and CUDA, any layout,
-    float32/float64, derivatives of order 2 (autograd through the fast path)."""
+    """The ``torch`` backend: every descriptor (all path modes), CPU and CUDA, both
+    layouts, float32/float64, derivatives of any order through explicit tensor-product
+    custom ops.
+
+    Args:
+        reduction: how :meth:`conv` scatter-sums messages: ``"auto"`` (default),
+            ``"sorted"`` or ``"index_add"`` (see :func:`torch_conv`).
+
+    Raises:
+        ValueError: for an unknown ``reduction``.
+    """
 
     name = "torch"
     priority = 10
@@ -212,8 +213,12 @@ class TorchBackend(Backend):
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float32, torch.float64}),
         layouts=frozenset(LAYOUTS),
-        max_derivative_order=2,
+        max_derivative_order=None,
     )
+
+    def __init__(self, reduction: Reduction = "auto") -> None:
+        _check_reduction(reduction)
+        self.reduction = reduction
 
     def tensor_product(
         self, descriptor: TPDescriptor, x1: Tensor, x2: Tensor, weight: Tensor | None = None
@@ -231,5 +236,14 @@ class TorchBackend(Backend):
         edge_dst: Tensor,
         num_nodes: int,
     ) -> Tensor:
-        """See :func:`torch_conv`."""
-        return torch_conv(descriptor, x_node, edge_attr, edge_weight, edge_src, edge_dst, num_nodes)
+        """See :func:`torch_conv`; the reduction is :attr:`reduction`."""
+        return torch_conv(
+            descriptor,
+            x_node,
+            edge_attr,
+            edge_weight,
+            edge_src,
+            edge_dst,
+            num_nodes,
+            reduction=self.reduction,
+        )
