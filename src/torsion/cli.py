@@ -23,6 +23,7 @@ TOUR = [
     "nn/plot_spdnet_digits.py",
     "optim/plot_riemannian_solvers.py",
     "spectral/plot_molecular_pe.py",
+    "equivariant/plot_emt_potential.py",
 ]
 
 DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]

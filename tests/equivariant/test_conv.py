@@ -1,0 +1,146 @@
+"""EquivariantConv against an unfused e3nn pipeline; equivariance, permutations, backends,
+input validation."""
+
+import pytest
+import torch
+from e3nn import o3
+from e3nn.nn import FullyConnectedNet
+from e3nn.util.test import assert_equivariant
+from torch_geometric.nn import MessagePassing
+
+from tests.equivariant._helpers import BACKENDS, F64, default_float64, e3nn_float64, randn
+from torsion.equivariant import EquivariantConv, Linear, RadialMLP
+
+IRREPS_IN = "4x0e + 3x1o + 2x2e"
+IRREPS_SH = "0e + 1o + 2e"
+IRREPS_OUT = "5x0e + 3x1o + 2x1e + 2x2e + 1x3o"
+NUM_RADIAL = 6
+
+
+def _graph(generator, num_nodes=7, num_edges=20):
+    """Random edges with a duplicate, a self-loop and an isolated node (the last)."""
+    src = torch.randint(0, num_nodes - 1, (num_edges,), generator=generator)
+    dst = torch.randint(0, num_nodes - 1, (num_edges,), generator=generator)
+    src[1], dst[1] = src[0], dst[0]
+    dst[2] = src[2]
+    x = randn(generator, num_nodes, o3.Irreps(IRREPS_IN).dim)
+    edge_attr = randn(generator, num_edges, o3.Irreps(IRREPS_SH).dim)
+    edge_radial = randn(generator, num_edges, NUM_RADIAL)
+    return x, torch.stack([src, dst]), edge_attr, edge_radial
+
+
+def _conv(backend="auto", **kwargs):
+    return EquivariantConv(
+        IRREPS_IN, IRREPS_SH, IRREPS_OUT, NUM_RADIAL, 8, backend=backend, dtype=F64, **kwargs
+    )
+
+
+def _unfused(conv, x, edge_index, edge_attr, edge_radial):
+    """gather -> e3nn.o3.TensorProduct per edge -> index_add, the layer's math spelled out."""
+    tp = e3nn_float64(conv.descriptor.to_e3nn, shared_weights=False, internal_weights=False)
+    src, dst = edge_index
+    messages = tp(conv.linear_in(x)[src], edge_attr, conv.radial(edge_radial))
+    summed = messages.new_zeros(x.shape[0], messages.shape[1]).index_add(0, dst, messages)
+    out = conv.linear_out(summed * conv.message_scale)
+    if conv.self_connection is not None:
+        out = out + conv.self_connection(x)
+    return out
+
+
+@pytest.mark.parametrize("self_connection", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_matches_the_unfused_e3nn_pipeline(backend, self_connection, generator):
+    conv = _conv(backend, avg_num_neighbors=3.0, self_connection=self_connection)
+    assert isinstance(conv, MessagePassing)
+    inputs = _graph(generator)
+    torch.testing.assert_close(conv(*inputs), _unfused(conv, *inputs), atol=1e-10, rtol=1e-10)
+
+
+def test_conv_without_edges_is_the_self_connection(generator):
+    conv = _conv()
+    x = randn(generator, 4, conv.irreps_node_in.dim)
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    out = conv(x, empty, randn(generator, 0, 9), randn(generator, 0, NUM_RADIAL))
+    torch.testing.assert_close(out, conv.self_connection(x), atol=0, rtol=0)
+
+
+def test_conv_backends_agree_with_gradients(generator):
+    if len(BACKENDS) < 2:
+        pytest.skip("only the reference backend is registered")
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in _graph(generator)]
+    reference = _conv("reference")
+    results = []
+    for backend in BACKENDS:
+        conv = _conv(backend)
+        conv.load_state_dict(reference.state_dict())
+        out = conv(*inputs)
+        grads = torch.autograd.grad(out.pow(2).sum(), [inputs[0], inputs[2], inputs[3]])
+        results.append((out, *grads))
+    for other in results[1:]:
+        for ours, theirs in zip(results[0], other, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_is_equivariant(backend, generator):
+    conv = _conv(backend)
+    x, edge_index, edge_attr, edge_radial = _graph(generator)
+    with default_float64():
+        assert_equivariant(
+            lambda x, edge_attr: conv(x, edge_index, edge_attr, edge_radial),
+            args_in=[x, edge_attr],
+            irreps_in=[conv.irreps_node_in, conv.irreps_edge_attr],
+            irreps_out=[conv.irreps_node_out],
+            tolerance=1e-10,
+        )
+
+
+def test_conv_is_permutation_equivariant(generator):
+    conv = _conv()
+    x, edge_index, edge_attr, edge_radial = _graph(generator)
+    nodes = torch.randperm(x.shape[0], generator=generator)
+    edges = torch.randperm(edge_index.shape[1], generator=generator)
+    relabel = torch.empty_like(nodes)
+    relabel[nodes] = torch.arange(len(nodes))
+    permuted = conv(x[nodes], relabel[edge_index[:, edges]], edge_attr[edges], edge_radial[edges])
+    torch.testing.assert_close(permuted, conv(x, edge_index, edge_attr, edge_radial)[nodes])
+
+
+def test_radial_mlp_is_e3nns_fully_connected_net(generator):
+    mlp = RadialMLP([6, 16, 16, 10], dtype=F64)
+    theirs = e3nn_float64(FullyConnectedNet, [6, 16, 16, 10], torch.nn.functional.silu)
+    with torch.no_grad():
+        for theirs_weight, ours_weight in zip(theirs.parameters(), mlp.weights, strict=True):
+            theirs_weight.copy_(ours_weight)
+    x = randn(generator, 30, 6)
+    torch.testing.assert_close(mlp(x), theirs(x), atol=1e-12, rtol=1e-12)
+    assert not mlp(torch.zeros(3, 6, dtype=F64)).any()  # bias-free: nothing beyond the cutoff
+    with pytest.raises(ValueError, match="sizes"):
+        RadialMLP([4])
+
+
+def test_conv_rejects_bad_input(generator):
+    conv = _conv("reference")
+    x, edge_index, edge_attr, edge_radial = _graph(generator)
+    with pytest.raises(ValueError, match="x has shape"):
+        conv(x[:, :-1], edge_index, edge_attr, edge_radial)
+    with pytest.raises(ValueError, match="edge_attr has shape"):
+        conv(x, edge_index, edge_attr[:, :-1], edge_radial)
+    with pytest.raises(ValueError, match=r"edge_index must have shape \(2, E\)"):
+        conv(x, edge_index[0], edge_attr, edge_radial)
+    with pytest.raises(TypeError, match="edge_index must be int64 or int32"):
+        conv(x, edge_index.double(), edge_attr, edge_radial)
+    with pytest.raises(ValueError, match=r"edge_attr must have shape \(19, 9\)"):
+        conv(x, edge_index[:, 1:], edge_attr, edge_radial)
+    with pytest.raises(ValueError, match=r"edge_radial must have shape \(20, 6\)"):
+        conv(x, edge_index, edge_attr, edge_radial[:, 1:])
+    bad = edge_index.clone()
+    bad[0, 3] = x.shape[0]
+    with pytest.raises(ValueError, match="edge_src holds indices"):
+        conv(x, bad, edge_attr, edge_radial)
+    with pytest.raises(ValueError, match="edge_attr is on meta, but x is on cpu"):
+        conv(x, edge_index, edge_attr.to("meta"), edge_radial)
+    with pytest.raises(ValueError, match="avg_num_neighbors"):
+        _conv(avg_num_neighbors=0.0)
+    assert isinstance(conv.linear_in, Linear)
+    assert not x.isnan().any()

@@ -1,0 +1,161 @@
+"""EquivariantPotential: symmetries, conservative forces (finite differences, a symmetric
+Hessian), batching, the radius graph, backends and input validation."""
+
+import pytest
+import torch
+from e3nn.util.test import assert_equivariant
+
+from tests.equivariant._helpers import BACKENDS, F64, default_float64
+from torsion.equivariant import EquivariantPotential, energy_and_forces, radius_graph
+
+CUTOFF = 3.0
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return EquivariantPotential(
+        3, cutoff=CUTOFF, channels=4, num_layers=2, num_radial=4, radial_hidden=8, dtype=F64
+    )
+
+
+def _cluster(generator, num_atoms=6, spread=1.2):
+    pos = spread * torch.randn(num_atoms, 3, generator=generator, dtype=F64)
+    species = torch.randint(0, 3, (num_atoms,), generator=generator)
+    return pos, species
+
+
+def test_energy_is_invariant_and_forces_rotate_as_vectors(model, generator):
+    pos, species = _cluster(generator)
+    with default_float64():
+        assert_equivariant(
+            lambda pos: energy_and_forces(model, pos, species),
+            args_in=[pos],
+            irreps_in=["cartesian_points"],  # rotations, parity and translations
+            irreps_out=["0e", "1o"],
+            tolerance=1e-10,
+        )
+
+
+def test_translation_and_permutation_invariance(model, generator):
+    pos, species = _cluster(generator)
+    energy, forces = energy_and_forces(model, pos, species)
+    shift = torch.tensor([3.0, -1.0, 7.5], dtype=F64)
+    moved_energy, moved_forces = energy_and_forces(model, pos + shift, species)
+    torch.testing.assert_close(moved_energy, energy, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(moved_forces, forces, atol=1e-12, rtol=1e-12)
+    order = torch.randperm(len(species), generator=generator)
+    permuted_energy, permuted_forces = energy_and_forces(model, pos[order], species[order])
+    torch.testing.assert_close(permuted_energy, energy, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(permuted_forces, forces[order], atol=1e-12, rtol=1e-12)
+    # Newton's third law: internal forces sum to zero
+    torch.testing.assert_close(forces.sum(0), torch.zeros(3, dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_forces_are_minus_the_finite_difference_gradient(model, generator):
+    pos, species = _cluster(generator, num_atoms=5)
+    _, forces = energy_and_forces(model, pos, species)
+    h = 1e-5
+    numeric = torch.zeros_like(pos)
+    with torch.no_grad():
+        for i in range(pos.shape[0]):
+            for k in range(3):
+                step = torch.zeros_like(pos)
+                step[i, k] = h
+                numeric[i, k] = -(model(pos + step, species) - model(pos - step, species)) / (2 * h)
+    torch.testing.assert_close(forces, numeric, atol=1e-7, rtol=1e-6)
+
+
+def test_hessian_by_double_backward_is_symmetric(model, generator):
+    pos, species = _cluster(generator, num_atoms=4, spread=1.0)
+    pos.requires_grad_()
+    _, forces = energy_and_forces(model, pos, species, create_graph=True)
+    flat = forces.reshape(-1)
+    rows = [torch.autograd.grad(-flat[i], pos, retain_graph=True)[0].reshape(-1) for i in range(12)]
+    hessian = torch.stack(rows)
+    assert hessian.abs().max() > 1e-3  # the atoms interact
+    torch.testing.assert_close(hessian, hessian.T, atol=1e-10, rtol=0)
+
+
+def test_force_training_step_reaches_every_parameter(model, generator):
+    pos, species = _cluster(generator)
+    energy, forces = energy_and_forces(model, pos, species, create_graph=True)
+    loss = energy.pow(2).sum() + forces.pow(2).sum()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    assert not pos.requires_grad  # the caller's tensor is left alone
+
+
+def test_batch_equals_separate_structures_in_any_atom_order(model, generator):
+    pos_a, species_a = _cluster(generator, 5)
+    pos_b, species_b = _cluster(generator, 7)
+    pos = torch.cat([pos_a, pos_b + 100.0])
+    species = torch.cat([species_a, species_b])
+    batch = torch.tensor([0] * 5 + [1] * 7)
+    order = torch.randperm(12, generator=generator)  # batch need not be sorted
+    energy = model(pos=pos[order], species=species[order], batch=batch[order])
+    expected = torch.cat([model(pos_a, species_a), model(pos_b, species_b)])
+    torch.testing.assert_close(energy, expected, atol=1e-12, rtol=1e-12)
+    # atoms of different structures do not interact, even when they overlap in space
+    overlap = model(pos=torch.cat([pos_a, pos_b]), species=species, batch=batch)
+    torch.testing.assert_close(overlap, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_isolated_atoms_and_empty_structures(model):
+    far = torch.tensor([[0.0, 0, 0], [10.0, 0, 0]], dtype=F64)
+    species = torch.tensor([1, 1])
+    energy, forces = energy_and_forces(model, far, species, torch.tensor([0, 2]))
+    assert energy.shape == (3,) and energy[1] == 0 and not forces.any()
+    torch.testing.assert_close(energy[0], energy[2])
+
+
+def test_radius_graph_matches_a_brute_force_search(generator):
+    pos = 2.0 * torch.randn(30, 3, generator=generator, dtype=F64)
+    batch = torch.randint(0, 4, (30,), generator=generator)
+    edges = radius_graph(pos, 2.5, batch)
+    distance = torch.cdist(pos, pos)
+    expected = (distance < 2.5) & (batch[:, None] == batch[None, :])
+    expected.fill_diagonal_(False)
+    got = torch.zeros_like(expected)
+    got[edges[0], edges[1]] = True
+    assert torch.equal(got, expected) and edges.shape[1] == int(expected.sum())
+    assert radius_graph(torch.zeros(0, 3), 1.0).shape == (2, 0)
+
+
+def test_backends_agree(generator):
+    if len(BACKENDS) < 2:
+        pytest.skip("only the reference backend is registered")
+    pos, species = _cluster(generator)
+    results = []
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        model = EquivariantPotential(3, cutoff=CUTOFF, channels=4, backend=backend, dtype=F64)
+        results.append(energy_and_forces(model, pos, species))
+    for energy, forces in results[1:]:
+        torch.testing.assert_close(energy, results[0][0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(forces, results[0][1], atol=1e-10, rtol=1e-10)
+
+
+def test_rejects_bad_input(model, generator):
+    pos, species = _cluster(generator)
+    with pytest.raises(ValueError, match=r"species holds ids in \[\d, 3\], outside \[0, 3\)"):
+        model(pos, torch.tensor([0, 1, 2, 3, 0, 0]))
+    with pytest.raises(ValueError, match="species holds ids"):
+        model(pos, torch.tensor([0, -1, 2, 1, 0, 0]))
+    with pytest.raises(ValueError, match=r"pos must have shape \(N, 3\)"):
+        model(pos[:, :2], species)
+    with pytest.raises(TypeError, match="species must have dtype int64 or int32"):
+        model(pos, species.double())
+    with pytest.raises(ValueError, match=r"species must have shape \(6,\)"):
+        model(pos, species[:-1])
+    with pytest.raises(TypeError, match=r"pos has dtype torch\.float32"):
+        model(pos.float(), species)
+    with pytest.raises(ValueError, match="pos is on meta"):
+        model(pos.to("meta"), species)
+    with pytest.raises(ValueError, match="batch holds negative structure ids"):
+        model(pos, species, -torch.ones(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_species must be an int >= 1"):
+        EquivariantPotential(0)
+    with pytest.raises(ValueError, match="cutoff must be > 0"):
+        radius_graph(pos, 0.0)
