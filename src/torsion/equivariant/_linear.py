@@ -7,11 +7,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import geoopt
 import torch
 from e3nn import o3
 from torch import Tensor, nn
 
 from torsion.equivariant._checks import as_irreps, check_features
+from torsion.manifolds import Stiefel
 
 __all__ = ["Linear"]
 
@@ -28,7 +30,7 @@ class _IrrepGroup:
     outputs: tuple[int, ...]  # output block indices
     out_muls: tuple[int, ...]  # their multiplicities
     weights: tuple[tuple[int, ...], ...]  # weights[a][b]: parameter of (input a, output b)
-    scale: float  # e3nn's element normalization: 1 / sqrt(sum of input multiplicities)
+    scale: float  # e3nn's element normalization 1 / sqrt(sum of input multiplicities), or 1
 
 
 class Linear(nn.Module):
@@ -52,18 +54,42 @@ class Linear(nn.Module):
     given the same weights. The forward pass concatenates the blocks of each irrep and
     applies one matrix product per irrep, instead of e3nn's one einsum per block pair.
 
+    With ``weight_manifold="stiefel"`` every block-pair matrix ``W_bo`` is constrained to have
+    orthonormal columns along its longer side: it is a :class:`geoopt.ManifoldParameter` on
+    :class:`torsion.manifolds.Stiefel`, to be trained by :mod:`torsion.optim`'s Riemannian
+    optimizers (a Euclidean optimizer would leave the manifold). When ``mul_in >= mul_out``
+    the parameter is the ``(mul_in, mul_out)`` matrix itself (``W^T W = I``); when
+    ``mul_in < mul_out`` the parameter is its ``(mul_out, mul_in)`` transpose, and the layer
+    uses it transposed (``W W^T = I``). Each is initialised as a Haar-random orthonormal
+    frame drawn from torch's global RNG (:meth:`torsion.manifolds.Stiefel.random`). The
+    channel mixing of each block pair is then an isometric embedding (``mul_in <= mul_out``)
+    or a co-isometry (``mul_in > mul_out``) of multiplicity space; for ``mul_in == mul_out``
+    it is orthogonal and preserves the norm of every irrep block. The ``1 / sqrt(M_ir)``
+    normalization above is **not** applied in this mode: it keeps the variance of a sum of
+    ``M_ir`` Gaussian-weighted inputs at one, whereas an orthonormal mixing already keeps
+    norms, and the scale would shrink them by ``sqrt(M_ir)``. (When an irrep has several
+    input blocks, their contributions to an output block are summed unscaled; norm
+    preservation holds block pair by block pair.) Linear connects only equal irreps and
+    the constraint acts on multiplicity space only, so the layer stays equivariant. The
+    bias, if any, stays a plain parameter. :meth:`flat_weight` and :meth:`load_flat_weight`
+    raise in this mode: e3nn's flat vector assumes e3nn's normalization and a free
+    ``(mul_in, mul_out)`` layout, neither of which holds.
+
     Args:
         irreps_in: irreps of the input (anything ``e3nn.o3.Irreps`` accepts; used as given,
             not simplified: as in e3nn, ``"3x0e+7x0e"`` and ``"10x0e"`` normalize alike but
             have different weight layouts).
         irreps_out: irreps of the output.
         biases: add a bias to each ``0e`` output block. Default ``False``.
+        weight_manifold: ``None`` (default: free weights, e3nn's semantics) or ``"stiefel"``
+            (orthonormal block weights, see above).
         dtype: of the parameters (default: torch's default dtype).
         device: of the parameters.
 
     Raises:
         ValueError: for invalid irreps.
         TypeError: for a non-bool ``biases``.
+        ValueError: for a ``weight_manifold`` other than ``None`` or ``"stiefel"``.
 
     Shapes:
         input ``(..., irreps_in.dim)``, output ``(..., irreps_out.dim)``, in e3nn's
@@ -83,6 +109,7 @@ class Linear(nn.Module):
         irreps_out: Any,
         *,
         biases: bool = False,
+        weight_manifold: str | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -91,6 +118,15 @@ class Linear(nn.Module):
         self.irreps_out = as_irreps(irreps_out, "irreps_out")
         if not isinstance(biases, bool):
             raise TypeError(f"Linear: biases must be a bool, got {type(biases).__name__}")
+        if not (
+            weight_manifold is None
+            or (isinstance(weight_manifold, str) and weight_manifold == "stiefel")
+        ):
+            raise ValueError(
+                f"Linear: weight_manifold must be None or 'stiefel', got {weight_manifold!r}"
+            )
+        #: ``None`` or ``"stiefel"``: the constraint on the block weights.
+        self.weight_manifold: str | None = weight_manifold
         factory = {"dtype": dtype, "device": device}
         #: e3nn's instructions ``(i_in, i_out)``, in weight order.
         self.instructions: tuple[tuple[int, int], ...] = tuple(
@@ -100,12 +136,22 @@ class Linear(nn.Module):
             if ir_in == ir_out
         )
         shapes = [(self.irreps_in[i].mul, self.irreps_out[o].mul) for i, o in self.instructions]
-        # One flat draw, split: the same random stream as e3nn's torch.randn(weight_numel).
-        flat = torch.randn(sum(a * b for a, b in shapes), **factory)
-        self.weights = nn.ParameterList(
-            nn.Parameter(chunk.reshape(shape).clone())
-            for chunk, shape in zip(flat.split([a * b for a, b in shapes]), shapes, strict=True)
+        #: Per weight: whether the parameter stores the transpose of the ``(mul_in, mul_out)``
+        #: matrix (only with ``weight_manifold="stiefel"`` and ``mul_in < mul_out``).
+        self._transposed: tuple[bool, ...] = tuple(
+            weight_manifold == "stiefel" and a < b for a, b in shapes
         )
+        if weight_manifold == "stiefel":
+            self.weights = nn.ParameterList(
+                _stiefel_weight((max(a, b), min(a, b)), factory) for a, b in shapes
+            )
+        else:
+            # One flat draw, split: the same random stream as e3nn's torch.randn(weight_numel).
+            flat = torch.randn(sum(a * b for a, b in shapes), **factory)
+            self.weights = nn.ParameterList(
+                nn.Parameter(chunk.reshape(shape).clone())
+                for chunk, shape in zip(flat.split([a * b for a, b in shapes]), shapes, strict=True)
+            )
         self._groups = self._make_groups()
         self._bias_blocks = tuple(
             index
@@ -135,7 +181,9 @@ class Linear(nn.Module):
                     outputs=blocks_out,
                     out_muls=tuple(self.irreps_out[o].mul for o in blocks_out),
                     weights=tuple(tuple(index[i, o] for o in blocks_out) for i in blocks_in),
-                    scale=1.0 / math.sqrt(fan_in) if fan_in else 1.0,
+                    scale=(
+                        1.0 / math.sqrt(fan_in) if fan_in and self.weight_manifold is None else 1.0
+                    ),
                 )
             )
         return tuple(groups)
@@ -145,8 +193,21 @@ class Linear(nn.Module):
         """Number of weights (e3nn's ``weight_numel``; the bias is not counted)."""
         return sum(w.numel() for w in self.weights)
 
+    def _check_flat_layout(self, method: str) -> None:
+        if self.weight_manifold is not None:
+            raise RuntimeError(
+                f"Linear.{method}: e3nn's flat weight layout does not apply to a layer with "
+                f"weight_manifold={self.weight_manifold!r} (transposed orthonormal blocks, "
+                "no 1/sqrt(fan_in) normalization); use .weights"
+            )
+
     def flat_weight(self) -> Tensor:
-        """The weights as e3nn's flat vector ``(weight_numel,)`` (a differentiable view-copy)."""
+        """The weights as e3nn's flat vector ``(weight_numel,)`` (a differentiable view-copy).
+
+        Raises:
+            RuntimeError: for a layer with a ``weight_manifold``.
+        """
+        self._check_flat_layout("flat_weight")
         if not len(self.weights):
             return torch.zeros(0)
         return torch.cat([w.reshape(-1) for w in self.weights])
@@ -157,7 +218,9 @@ class Linear(nn.Module):
 
         Raises:
             ValueError: if ``flat`` does not have shape ``(weight_numel,)``.
+            RuntimeError: for a layer with a ``weight_manifold``.
         """
+        self._check_flat_layout("load_flat_weight")
         if not isinstance(flat, Tensor) or tuple(flat.shape) != (self.weight_numel,):
             raise ValueError(
                 f"Linear.load_flat_weight expects shape ({self.weight_numel},), "
@@ -169,8 +232,14 @@ class Linear(nn.Module):
             w.copy_(chunk.reshape(w.shape))
 
     def _group_matrix(self, group: _IrrepGroup) -> Tensor:
-        rows = [torch.cat([self.weights[k] for k in row], dim=1) for row in group.weights]
-        return torch.cat(rows, dim=0) * group.scale
+        rows = [torch.cat([self._block_weight(k) for k in row], dim=1) for row in group.weights]
+        matrix = torch.cat(rows, dim=0)
+        return matrix if group.scale == 1.0 else matrix * group.scale
+
+    def _block_weight(self, k: int) -> Tensor:
+        """Weight ``k`` as its ``(mul_in, mul_out)`` matrix."""
+        weight = self.weights[k]
+        return weight.mT if self._transposed[k] else weight
 
     def _group_input(self, x: Tensor, group: _IrrepGroup) -> Tensor:
         """The input blocks of one irrep stacked along the channels: ``(..., M_in, ir.dim)``."""
@@ -224,4 +293,16 @@ class Linear(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps_in} -> {self.irreps_out}, {self.weight_numel} weights"
+        manifold = "" if self.weight_manifold is None else f", on {self.weight_manifold}"
+        return f"{self.irreps_in} -> {self.irreps_out}, {self.weight_numel} weights{manifold}"
+
+
+def _stiefel_weight(shape: tuple[int, int], factory: dict) -> geoopt.ManifoldParameter:
+    """A Haar-random ``(n, p)`` frame (``n >= p``) from the global RNG, on ``Stiefel``.
+
+    An empty frame (``p == 0``) is trivially orthonormal and is not drawn.
+    """
+    stiefel = Stiefel()
+    if shape[1] == 0:
+        return geoopt.ManifoldParameter(torch.zeros(shape, **factory), manifold=stiefel)
+    return geoopt.ManifoldParameter(stiefel.random(*shape, **factory), manifold=stiefel)

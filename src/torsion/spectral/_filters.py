@@ -534,7 +534,7 @@ class JacobiConv(_PolynomialFilter):
             self.eta.fill_(min(1.0 / self.alpha, 1.0))
 
     def coefficients(self) -> Tensor:
-        """Coefficients of ``P_0 .. P_K`` per channel, shape ``(K + 1, channels)``."""
+        """Coefficients of ``P_0`` to ``P_K`` per channel, shape ``(K + 1, channels)``."""
         scales = self.alpha * torch.tanh(self.eta)
         decay = torch.cat([scales.new_ones(1), torch.cumprod(scales, dim=0)])
         return self.weight * decay.unsqueeze(-1)
