@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import torsion
-from torsion import cli
-from torsion.cli import TOUR, main
+from torsion import _tour, cli
+from torsion._tour import STAGES, Stage
+from torsion.cli import main
 
 
 def test_version(capsys):
@@ -43,44 +45,97 @@ def test_info_reports_triton_interpret(monkeypatch):
     assert cli.kernel_environment()["TRITON_INTERPRET"] == "unset"
 
 
+def _tour_paths(stages):
+    return [path for stage in stages for path in stage.examples]
+
+
 def test_tour_lists_existing_examples(capsys):
     assert main(["tour", "--list"]) == 0
     listed = capsys.readouterr().out.split()
-    assert len(listed) == len(TOUR) >= 1
-    assert all(path.endswith(TOUR[i]) for i, path in enumerate(listed))
+    expected = _tour_paths(STAGES)
+    assert len(listed) == len(expected) >= 3
+    assert all(path.endswith(expected[i]) for i, path in enumerate(listed))
+    assert all(Path(path).is_file() for path in listed)
 
 
-def _fake_examples(tmp_path, monkeypatch, scripts):
+def test_tour_covers_the_three_flows():
+    # The issue's three used-by flows, each as a stage with real examples.
+    titles = [stage.title.lower() for stage in STAGES]
+    assert len(STAGES) == 3
+    assert "manifold-valued" in titles[0] and "nn/plot_spdnet_digits.py" in STAGES[0].examples
+    assert "positional encodings" in titles[1]
+    assert "spectral/plot_molecular_pe.py" in STAGES[1].examples
+    assert "riemannian optimization" in titles[2]
+    assert any(path.startswith("curvature/") for path in STAGES[2].examples)
+
+
+def _fake_examples(tmp_path, monkeypatch, stages):
     examples = tmp_path / "examples"
     examples.mkdir()
-    for name, body in scripts.items():
-        (examples / name).write_text(textwrap.dedent(body))
+    fake = []
+    for title, scripts in stages.items():
+        for name, body in scripts.items():
+            (examples / name).write_text(textwrap.dedent(body))
+        fake.append(Stage(title, f"what {title} shows", tuple(scripts)))
     monkeypatch.setattr(cli, "_examples_dir", lambda: examples)
-    monkeypatch.setattr(cli, "TOUR", list(scripts))
+    monkeypatch.setattr(_tour, "STAGES", tuple(fake))
     return examples
 
 
-def test_tour_passes_environment_and_reports_failures(tmp_path, monkeypatch, capfd):
+RECORDS = """
+    \"\"\"Records its environment.
+
+    More text.
+    \"\"\"
+    import json, os, pathlib
+    keys = ["MPLBACKEND", "TORSION_OUT", "TORSION_QUICK"]
+    out = pathlib.Path(os.environ["TORSION_OUT"])
+    (out / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in keys}))
+    (out / "records.png").write_bytes(b"not really a png")
+    print("hello from the example")
+"""
+
+
+def test_tour_passes_environment_writes_summary_and_reports_failures(tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("TORSION_QUICK", raising=False)
-    record = """
-        import json, os, pathlib
-        keys = ["MPLBACKEND", "TORSION_OUT", "TORSION_QUICK"]
-        out = pathlib.Path(os.environ["TORSION_OUT"])
-        (out / "env.json").write_text(json.dumps({k: os.environ.get(k) for k in keys}))
-        print("hello from the example")
-    """
-    _fake_examples(tmp_path, monkeypatch, {"records.py": record, "fails.py": "raise SystemExit(3)"})
-    out = tmp_path / "plots"
+    stages = {
+        "First flow": {"records.py": RECORDS},
+        "Second flow": {"fails.py": "print('about to fail')\nraise SystemExit(3)"},
+    }
+    _fake_examples(tmp_path, monkeypatch, stages)
+    out = tmp_path / "tour"
     assert main(["tour", "--quick", "--out", str(out)]) == 1
     env = json.loads((out / "env.json").read_text())
     assert env == {"MPLBACKEND": "Agg", "TORSION_OUT": str(out.resolve()), "TORSION_QUICK": "1"}
     printed = capfd.readouterr().out
-    assert "== records.py\n" in printed and "hello from the example" in printed
-    assert "records.py: ok in" in printed and "fails.py: FAILED (exit 3)" in printed
+    assert "[1/2] First flow |" in printed and "records ok in" in printed
+    assert "[2/2] Second flow |" in printed and "fails FAILED (exit 3" in printed
     assert "1 of 2 examples ran" in printed
+    assert "hello from the example" not in printed  # captured in the example's log
+    assert (out / "logs" / "records.txt").read_text() == "hello from the example\n"
 
-    main(["tour", "--out", str(out)])
+    summary = (out / "summary.md").read_text()
+    assert "## 1. First flow" in summary and "what First flow shows" in summary
+    assert "### Records its environment." in summary
+    assert "hello from the example" in summary and "![records.png](records.png)" in summary
+    assert "## 2. Second flow" in summary and "**FAILED** (exit 3)" in summary
+    assert "about to fail" in summary
+    assert "1 of 2 examples ran" in summary
+
+    assert main(["tour", "--out", str(out)]) == 1
     assert json.loads((out / "env.json").read_text())["TORSION_QUICK"] is None
+
+
+def test_tour_summary_lists_only_plots_an_example_wrote(tmp_path, monkeypatch):
+    stages = {"Flow": {"quiet.py": "print('no plot')", "records.py": RECORDS}}
+    _fake_examples(tmp_path, monkeypatch, stages)
+    out = tmp_path / "tour"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"from an earlier run")
+    assert main(["tour", "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "stale.png" not in summary
+    assert summary.count("![records.png](records.png)") == 1
 
 
 def test_tour_without_examples_folder_says_so(tmp_path, monkeypatch):
@@ -99,9 +154,13 @@ def test_tour_runs_every_example(tmp_path):
         text=True,
         check=False,
     )
+    total = len(_tour_paths(STAGES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(TOUR)} of {len(TOUR)} examples ran" in result.stdout
-    assert len(list(tmp_path.glob("*.png"))) >= len(TOUR)
+    assert f"{total} of {total} examples ran" in result.stdout
+    assert len(list(tmp_path.glob("*.png"))) >= total
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"## {i}. {stage.title}" in summary for i, stage in enumerate(STAGES, 1))
+    assert "FAILED" not in summary
 
 
 def test_unknown_command_fails():

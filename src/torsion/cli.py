@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,18 +12,6 @@ from pathlib import Path
 import torsion
 
 __all__ = ["kernel_environment", "main"]
-
-# The tour, in order: paths relative to the repository's examples/ folder.
-TOUR = [
-    "linalg/plot_spd_log_gradients.py",
-    "manifolds/plot_spd_frechet_means.py",
-    "curvature/plot_edge_of_stability.py",
-    "curvature/plot_hessian_spectral_density.py",
-    "nn/plot_spdnet_digits.py",
-    "optim/plot_riemannian_solvers.py",
-    "spectral/plot_molecular_pe.py",
-    "equivariant/plot_emt_potential.py",
-]
 
 DEPENDENCIES = ["torch", "geoopt", "e3nn", "torch_geometric", "numpy", "scipy", "triton"]
 
@@ -100,26 +87,37 @@ def _examples_dir() -> Path:
 
 
 def _tour(args: argparse.Namespace) -> int:
+    from torsion._tour import STAGES, run_tour, write_summary
+
     examples = _examples_dir()
     if args.list:
-        for path in TOUR:
-            print(examples / path)
+        for stage in STAGES:
+            for path in stage.examples:
+                print(examples / path)
         return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MPLBACKEND": "Agg", "TORSION_OUT": str(out)}
-    if args.quick:
-        env["TORSION_QUICK"] = "1"
-    failed = []
-    for path in TOUR:
-        print(f"== {path}", flush=True)
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, str(examples / path)], env=env, check=False)
-        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-        print(f"== {path}: {status} in {time.perf_counter() - start:.1f} s\n", flush=True)
-        if result.returncode != 0:
-            failed.append(path)
-    print(f"tour: {len(TOUR) - len(failed)} of {len(TOUR)} examples ran; plots in {out}")
+    mode = "quick" if args.quick else "full"
+    print(f"torsion tour ({mode}): {len(STAGES)} stages; plots, logs and summary.md in {out}")
+    start = time.perf_counter()
+    results = run_tour(examples, out, quick=args.quick, stages=STAGES)
+    seconds = time.perf_counter() - start
+    import torch
+
+    runs = [run for _, stage_runs in results for run in stage_runs]
+    failed = [run for run in runs if not run.ok]
+    header = [
+        f"torsion {torsion.__version__}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPU cores, {mode} mode: {len(runs) - len(failed)} of {len(runs)} "
+        f"examples ran in {seconds:.0f} s.",
+    ]
+    summary = write_summary(results, examples, out, header=header)
+    for run in failed:
+        print(f"FAILED: examples/{run.path} (exit {run.exit_code}); its log: {run.log}")
+    print(
+        f"tour: {len(runs) - len(failed)} of {len(runs)} examples ran in {seconds:.0f} s; "
+        f"summary in {summary}"
+    )
     return 1 if failed else 0
 
 
@@ -128,10 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torsion {torsion.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices and kernel backends")
-    tour = commands.add_parser("tour", help="run the examples in order")
+    tour = commands.add_parser("tour", help="run the three used-by flows from the examples")
     tour.add_argument("--list", action="store_true", help="list the examples and exit")
     tour.add_argument("--quick", action="store_true", help="shrink every example's problem")
-    tour.add_argument("--out", default="torsion-tour-out", help="folder for the plots")
+    tour.add_argument(
+        "--out", default="torsion-tour", help="folder for the plots, logs and summary.md"
+    )
     return parser
 
 

@@ -1,12 +1,14 @@
 """EquivariantPotential: symmetries, conservative forces (finite differences, a symmetric
 Hessian), batching, the radius graph, backends and input validation."""
 
+import geoopt
 import pytest
 import torch
 from e3nn.util.test import assert_equivariant
 
 from tests.equivariant._helpers import BACKENDS, F64, default_float64
-from torsion.equivariant import EquivariantPotential, energy_and_forces, radius_graph
+from torsion.equivariant import EquivariantPotential, Linear, energy_and_forces, radius_graph
+from torsion.manifolds import Stiefel
 
 CUTOFF = 3.0
 
@@ -159,3 +161,77 @@ def test_rejects_bad_input(model, generator):
         EquivariantPotential(0)
     with pytest.raises(ValueError, match="cutoff must be > 0"):
         radius_graph(pos, 0.0)
+
+
+@pytest.fixture
+def stiefel_model():
+    torch.manual_seed(0)
+    return EquivariantPotential(
+        3,
+        cutoff=CUTOFF,
+        channels=4,
+        num_layers=2,
+        num_radial=4,
+        radial_hidden=8,
+        weight_manifold="stiefel",
+        dtype=F64,
+    )
+
+
+def test_stiefel_linears_are_orthonormal_manifold_parameters(stiefel_model):
+    linears = [m for m in stiefel_model.modules() if isinstance(m, Linear)]
+    # per block: input, output and self-connection of each convolution, and the readout
+    assert len(linears) == 3 * 2 + 2
+    assert all(m.weight_manifold == "stiefel" for m in linears)
+    on_stiefel = {
+        name
+        for name, p in stiefel_model.named_parameters()
+        if isinstance(p, geoopt.ManifoldParameter)
+    }
+    expected = {
+        f"{name}.weights.{k}"
+        for name, m in stiefel_model.named_modules()
+        if isinstance(m, Linear)
+        for k in range(len(m.weights))
+    }
+    assert on_stiefel == expected
+    for name in on_stiefel:
+        w = stiefel_model.get_parameter(name)
+        assert isinstance(w.manifold, Stiefel) and w.shape[0] >= w.shape[1]
+        torch.testing.assert_close(w.mT @ w, torch.eye(w.shape[1], dtype=F64), atol=1e-12, rtol=0)
+    # everything else stays free
+    free = [p for p in stiefel_model.parameters() if not isinstance(p, geoopt.ManifoldParameter)]
+    assert free and stiefel_model.weight_manifold == "stiefel"
+
+
+def test_stiefel_potential_keeps_its_symmetries_and_conservative_forces(stiefel_model, generator):
+    pos, species = _cluster(generator)
+    with default_float64():
+        assert_equivariant(
+            lambda pos: energy_and_forces(stiefel_model, pos, species),
+            args_in=[pos],
+            irreps_in=["cartesian_points"],
+            irreps_out=["0e", "1o"],
+            tolerance=1e-10,
+        )
+    energy, forces = energy_and_forces(stiefel_model, pos, species)
+    assert forces.abs().max() > 1e-6  # not a trivially constant energy
+    order = torch.randperm(len(species), generator=generator)
+    permuted_energy, permuted_forces = energy_and_forces(stiefel_model, pos[order], species[order])
+    torch.testing.assert_close(permuted_energy, energy, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(permuted_forces, forces[order], atol=1e-12, rtol=1e-12)
+    h, i, k = 1e-5, 2, 1
+    step = torch.zeros_like(pos)
+    step[i, k] = h
+    with torch.no_grad():
+        numeric = -(stiefel_model(pos + step, species) - stiefel_model(pos - step, species)) / (
+            2 * h
+        )
+    torch.testing.assert_close(forces[i, k], numeric[0], atol=1e-7, rtol=1e-6)
+
+
+def test_weight_manifold_is_validated():
+    with pytest.raises(ValueError, match="weight_manifold must be None or 'stiefel'"):
+        EquivariantPotential(2, weight_manifold="grassmann")
+    with pytest.raises(ValueError, match="weight_manifold must be None or 'stiefel'"):
+        EquivariantPotential(2, weight_manifold=True)

@@ -212,6 +212,21 @@ class GradientGraph:
         return _grad_or_zeros(self._grads, self._inputs, v_leaves, retain_graph=True)
 
 
+def autograd_gradient(f: Callable[[Any], Tensor], params: Any) -> Any:
+    """The gradient of ``f`` at ``params`` by one backward (no graph kept).
+
+    Plain autograd rather than ``torch.func.grad``, so it works for every ``f`` autograd
+    can differentiate, including forwards that call ``torch.autograd.grad`` themselves
+    (forces) and custom ops without functorch support.
+    """
+    leaves, rebuild = _leaves(params, "params")
+    inputs = _fresh(leaves)
+    with torch.enable_grad():
+        value = _scalar(f)(rebuild(inputs))
+        grads = _grad_or_zeros([value], inputs, [None])
+    return rebuild(grads)
+
+
 def _auto_method(params: Any, block: bool) -> str:
     device = _leaves(params, "params")[0][0].device
     if device.type == "cuda":
@@ -242,7 +257,17 @@ def hvp(
             products at one point use :class:`GradientGraph`, the cheapest of all.
             When forward-over-reverse hits torch bug pytorch/pytorch#123996 (``F.mse_loss``
             with ``reduction="mean"``), ``"auto"`` redoes the product by
-            reverse-over-reverse; an explicit ``"forward_over_reverse"`` raises.
+            reverse-over-reverse; an explicit ``"forward_over_reverse"`` raises. When ``f``
+            cannot run under torch.func at all (its forward calls ``torch.autograd.grad``,
+            as force training does; or it runs custom ops or ``autograd.Function`` s
+            without functorch support, as the ``torch`` kernel backend, the spectral
+            filters' sparse products and the SPD layers' matrix functions do), ``"auto"``
+            redoes the product by double backward, which needs only autograd (a loss on
+            forces is then differentiated three times, which every registered kernel
+            backend supports): any ``RuntimeError`` of a torch.func method makes
+            ``"auto"`` retry by double backward, where a genuine error of ``f`` is raised
+            again. An explicit torch.func method raises a ``RuntimeError`` that names the
+            cause and the way out.
         block: treat ``v`` as a block of vectors; the torch.func methods vmap over it,
             double backward builds the gradient graph once and reuses it.
 
@@ -255,12 +280,28 @@ def hvp(
     Raises:
         ValueError: ``f`` is not scalar-valued, ``v`` does not match ``params``, or the
             method is unknown.
+        RuntimeError: an explicit torch.func method on an ``f`` that torch.func cannot
+            transform (see ``method``).
 
     Example:
         >>> x = torch.tensor([1.0, 2.0])
         >>> hvp(lambda p: (p**3).sum(), x, torch.ones(2))  # diag(6 x) @ 1
         tensor([ 6., 12.])
     """
+    return hvp_and_method(f, params, v, method=method, block=block)[0]
+
+
+def hvp_and_method(
+    f: Callable[[Any], Tensor],
+    params: Any,
+    v: Any,
+    *,
+    method: HVPMethod = "auto",
+    block: bool = False,
+) -> tuple[Any, str]:
+    """:func:`hvp`, and the method that computed it (``"auto"`` resolved, fallbacks
+    included), so that a caller repeating products on the same ``f`` can skip a torch.func
+    attempt that failed once."""
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {_METHODS}")
     _check_like(params, v, block)
@@ -269,17 +310,27 @@ def hvp(
     if auto:
         method = _auto_method(params, block)
     if method == "double_backward":
-        return GradientGraph(f, params).hvp(v, block=block)
-    if method == "forward_over_reverse":
-        try:
-            return _forward_over_reverse(f, params, v, block)
-        except RuntimeError as error:
-            if "ZeroTensors are immutable" not in str(error):
-                raise
-            if auto:  # same product, other exact method (see _ZERO_TENSOR_BUG)
-                return _reverse_over_reverse(f, params, v, block)
-            raise RuntimeError(_ZERO_TENSOR_BUG) from error
-    return _reverse_over_reverse(f, params, v, block)
+        return GradientGraph(f, params).hvp(v, block=block), method
+    try:
+        if method == "forward_over_reverse":
+            try:
+                return _forward_over_reverse(f, params, v, block), method
+            except RuntimeError as error:
+                if "ZeroTensors are immutable" not in str(error):
+                    raise
+                if not auto:
+                    raise RuntimeError(_ZERO_TENSOR_BUG) from error
+                # same product, other exact method (see _ZERO_TENSOR_BUG)
+        return _reverse_over_reverse(f, params, v, block), "reverse_over_reverse"
+    except RuntimeError as error:
+        if auto:
+            # torch.func could not run f (see _NOT_TRANSFORMABLE_MARKERS for the known
+            # causes): autograd alone computes the same product; an error of f itself
+            # is raised again from there.
+            return GradientGraph(f, params).hvp(v, block=block), "double_backward"
+        if not_transformable(error):
+            raise RuntimeError(_NOT_TRANSFORMABLE.format(method=method, error=error)) from error
+        raise
 
 
 # torch bug pytorch/pytorch#123996 (open; fix proposed in #197723, still present in torch
@@ -290,6 +341,33 @@ _ZERO_TENSOR_BUG = (
     "immutable', e.g. F.mse_loss with reduction='mean'); use method='reverse_over_reverse' "
     "or 'double_backward' (same product), or write the loss as ((out - y) ** 2).mean()"
 )
+
+
+# What torch says when ``f`` cannot run under torch.func transforms: a forward that calls
+# ``torch.autograd.grad`` or ``requires_grad_`` (forces as ``-dE/dpos`` by
+# :func:`torsion.equivariant.energy_and_forces`); a ``torch.library`` custom op or an
+# ``autograd.Function`` without functorch support (torsion's ``torch`` kernel backend, the
+# spectral filters' sparse product); sparse CSR tensors; ``.data`` under ``vmap`` (the
+# guarded third derivative of :mod:`torsion.linalg`'s matrix functions).
+_NOT_TRANSFORMABLE_MARKERS = (
+    "being transformed by a functorch transform",
+    "must override the setup_context staticmethod",
+    "appears to not have been used in the graph",
+    "Sparse CSR tensors do not have strides",
+    "under vmap transform is not allowed",
+)
+_NOT_TRANSFORMABLE = (
+    "method={method!r} runs f under torch.func transforms, which f does not support: "
+    "{error} (this happens when the model calls torch.autograd.grad in its forward, e.g. "
+    "forces by energy_and_forces, or runs torch.library custom ops without functorch "
+    "support, e.g. the 'torch' kernel backend); use method='double_backward' (the same "
+    "product by autograd; method='auto' switches to it by itself)"
+)
+
+
+def not_transformable(error: RuntimeError) -> bool:
+    """Whether ``error`` says that ``f`` cannot run under torch.func transforms."""
+    return any(marker in str(error) for marker in _NOT_TRANSFORMABLE_MARKERS)
 
 
 def _forward_over_reverse(f: Callable[[Any], Tensor], params: Any, v: Any, block: bool) -> Any:

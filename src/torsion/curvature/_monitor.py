@@ -36,6 +36,11 @@ class SharpnessMonitor:
         tol: relative eigenvalue accuracy of each check's :func:`eigsh` (its default
             ``criterion="eigenvalue"``; default ``1e-3``).
         params: parameter selection, as in :class:`HessianOperator`.
+        riemannian: track the Riemannian Hessian of manifold parameters (``geoopt``
+            ``ManifoldParameter`` s, e.g. Stiefel-constrained layers trained by a Riemannian
+            optimizer), as :class:`HessianOperator` ``(..., riemannian=True)`` defines it:
+            the curvature along the manifold, which is what a Riemannian step feels. Default
+            ``False`` (the Euclidean Hessian, manifolds ignored).
         generator: randomness of the first (cold) check.
 
     Attributes:
@@ -55,6 +60,7 @@ class SharpnessMonitor:
         optimizer: torch.optim.Optimizer | None = None,
         tol: float = 1e-3,
         params: Any = None,
+        riemannian: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
@@ -63,7 +69,7 @@ class SharpnessMonitor:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.k, self.optimizer, self.tol = every, k, optimizer, tol
-        self.params, self.generator = params, generator
+        self.params, self.riemannian, self.generator = params, riemannian, generator
         self.history: dict[str, list] = {
             "step": [],
             "eigenvalues": [],
@@ -84,7 +90,9 @@ class SharpnessMonitor:
 
     def check(self, step: int | None = None) -> EigshResult:
         """Compute the top-``k`` eigenvalues now and append them to :attr:`history`."""
-        op = HessianOperator(self.model, self.loss_fn, self.data, self.params)
+        op = HessianOperator(
+            self.model, self.loss_fn, self.data, self.params, riemannian=self.riemannian
+        )
         result = eigsh(
             op, k=self.k, which="LA", tol=self.tol, v0=self._last, generator=self.generator
         )

@@ -40,7 +40,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torsion.curvature._hvp import GradientGraph, ggn_vp, hvp
+from torsion.curvature._hvp import (
+    GradientGraph,
+    autograd_gradient,
+    ggn_vp,
+    hvp_and_method,
+    not_transformable,
+)
 from torsion.curvature._linop import LinearOperator, TangentSpace
 
 __all__ = ["EmpiricalFisherOperator", "GGNOperator", "HessianOperator"]
@@ -71,6 +77,24 @@ def _eval_semantics(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def _under_torch_func(operator: str) -> Iterator[None]:
+    """Name the problem when a model cannot run under the torch.func transforms an
+    operator's products are made of (no autograd-only fallback exists for them)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not not_transformable(error):
+            raise
+        raise RuntimeError(
+            f"{operator} evaluates the model under torch.func transforms (jvp, vjp, vmap), "
+            f"which this model does not support: {error} (a forward that calls "
+            "torch.autograd.grad, e.g. forces, or custom ops / autograd.Functions without "
+            "functorch support, e.g. the 'torch' kernel backend); HessianOperator works "
+            "with autograd alone"
+        ) from error
 
 
 def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[int]]:
@@ -239,7 +263,9 @@ class HessianOperator(_ModelOperator):
         method: ``"auto"`` (default): one batch -> ``"graph_reuse"`` (the gradient graph is
             built once, at the first product, and every product is one more backward,
             ~1.35x a gradient); several batches -> :func:`~torsion.curvature._hvp.hvp`'s
-            automatic choice per batch (memory bounded: no graph is kept). Any
+            automatic choice per batch (memory bounded: no graph is kept; for a model that
+            torch.func cannot transform, such as a loss on forces or the fused kernels,
+            double backward, chosen at the first product and kept). Any
             :func:`~torsion.curvature._hvp.hvp` method can be forced; ``"graph_reuse"``
             needs a single batch.
         distributed: ``None`` (default): all-reduce products over the ranks when an
@@ -281,6 +307,7 @@ class HessianOperator(_ModelOperator):
                 f"{len(self._batches)} batches (use 'auto' or another method)"
             )
         self.method = method
+        self._batch_method: str = method
         self.riemannian = riemannian
         self._tangent: dict[str, TangentSpace] = {}
         if riemannian:
@@ -314,9 +341,14 @@ class HessianOperator(_ModelOperator):
         with _eval_semantics(self._model):
             for batch, w in zip(self._batches, self._weights, strict=True):
                 f = self._loss_fn_of_params(batch)
-                local = local + w * self.flatten(
-                    hvp(f, self._params, tree, method=self.method, block=True)
+                product, used = hvp_and_method(
+                    f, self._params, tree, method=self._batch_method, block=True
                 )
+                if used == "double_backward":
+                    # "auto" fell back (torch.func cannot run this model): skip the
+                    # failing attempt in every later product.
+                    self._batch_method = used
+                local = local + w * self.flatten(product)
         return self._all_reduce(local)
 
     def _scaled(self, x: Tensor) -> Tensor:
@@ -332,7 +364,7 @@ class HessianOperator(_ModelOperator):
                 else:
                     local = 0
                     for batch, w in zip(self._batches, self._weights, strict=True):
-                        g = torch.func.grad(self._loss_fn_of_params(batch))(self._params)
+                        g = autograd_gradient(self._loss_fn_of_params(batch), self._params)
                         local = local + w * self.flatten(g)
             self._egrad = self.unflatten(self._all_reduce(local))
         return self._egrad
@@ -384,7 +416,7 @@ class GGNOperator(_ModelOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         tree = self.unflatten(V)
         total = torch.zeros_like(V)
-        with _eval_semantics(self._model):
+        with _eval_semantics(self._model), _under_torch_func("GGNOperator"):
             for (inputs, targets), w in zip(self._batches, self._weights, strict=True):
                 out = ggn_vp(
                     self._outputs_fn(inputs),
@@ -438,7 +470,7 @@ class EmpiricalFisherOperator(_ModelOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         total = torch.zeros_like(V)
-        with _eval_semantics(self._model):
+        with _eval_semantics(self._model), _under_torch_func("EmpiricalFisherOperator"):
             for inputs, targets in self._batches:
                 G = self._per_sample_gradients(inputs, targets)
                 total = total + G @ (G.mT @ V)

@@ -11,7 +11,13 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-__all__ = ["NormalizedActivation", "as_irreps", "check_features"]
+__all__ = [
+    "WEIGHT_MANIFOLDS",
+    "NormalizedActivation",
+    "as_irreps",
+    "check_features",
+    "check_weight_manifold",
+]
 
 
 def as_irreps(value: Any, name: str) -> o3.Irreps:
@@ -20,6 +26,17 @@ def as_irreps(value: Any, name: str) -> o3.Irreps:
         return o3.Irreps(value)
     except (ValueError, TypeError, AssertionError) as error:
         raise ValueError(f"{name} is not a valid e3nn Irreps: {value!r} ({error})") from None
+
+
+#: The constraints an equivariant layer's weights accept (``None``: free weights).
+WEIGHT_MANIFOLDS = ("stiefel",)
+
+
+def check_weight_manifold(value: Any, owner: str) -> str | None:
+    """``value`` if it is ``None`` or one of :data:`WEIGHT_MANIFOLDS`; else a ``ValueError``."""
+    if value is None or (isinstance(value, str) and value in WEIGHT_MANIFOLDS):
+        return value
+    raise ValueError(f"{owner}: weight_manifold must be None or 'stiefel', got {value!r}")
 
 
 def check_features(x: Any, dim: int, irreps_text: str, owner: str, name: str = "x") -> Tensor:

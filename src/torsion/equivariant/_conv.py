@@ -10,7 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
-from torsion.equivariant._checks import NormalizedActivation, as_irreps, check_features
+from torsion.equivariant._checks import (
+    NormalizedActivation,
+    as_irreps,
+    check_features,
+    check_weight_manifold,
+)
 from torsion.equivariant._linear import Linear
 from torsion.kernels import conv
 from torsion.reps import TPDescriptor
@@ -137,11 +142,15 @@ class EquivariantConv(MessagePassing):
         self_connection: add a linear self-connection (default ``True``).
         backend: kernel backend, ``"auto"`` (default) or a name from
             :func:`torsion.kernels.available_backends`.
+        weight_manifold: ``None`` (default: free weights) or ``"stiefel"``: the input,
+            output and self-connection :class:`Linear` layers get orthonormal block weights
+            on :class:`torsion.manifolds.Stiefel` (see :class:`Linear`); the radial MLP stays
+            free.
         dtype: of the parameters.
         device: of the parameters.
 
     Raises:
-        ValueError: for invalid irreps or sizes.
+        ValueError: for invalid irreps or sizes, or an unknown ``weight_manifold``.
 
     Shapes:
         ``x``: ``(N, irreps_node_in.dim)``; ``edge_index``: ``(2, E)`` (row 0 senders, row 1
@@ -161,10 +170,13 @@ class EquivariantConv(MessagePassing):
         avg_num_neighbors: float | None = None,
         self_connection: bool = True,
         backend: str = "auto",
+        weight_manifold: str | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(aggr="add", node_dim=0)
+        #: ``None`` or ``"stiefel"``: the constraint on the equivariant linear layers.
+        self.weight_manifold = check_weight_manifold(weight_manifold, "EquivariantConv")
         self.irreps_node_in = as_irreps(irreps_node_in, "irreps_node_in")
         self.irreps_edge_attr = as_irreps(irreps_edge_attr, "irreps_edge_attr")
         self.irreps_node_out = as_irreps(irreps_node_out, "irreps_node_out")
@@ -180,10 +192,11 @@ class EquivariantConv(MessagePassing):
                 f"EquivariantConv: avg_num_neighbors must be > 0 or None, got {avg_num_neighbors!r}"
             )
         factory = {"dtype": dtype, "device": device}
+        linear = {"weight_manifold": weight_manifold, **factory}
         self.num_radial = num_radial
         self.backend = backend
         self.message_scale = 1.0 if avg_num_neighbors is None else avg_num_neighbors**-0.5
-        self.linear_in = Linear(self.irreps_node_in, self.irreps_node_in, **factory)
+        self.linear_in = Linear(self.irreps_node_in, self.irreps_node_in, **linear)
         self.descriptor = TPDescriptor.channelwise(
             self.irreps_node_in, self.irreps_edge_attr, filter_irreps_out=self.irreps_node_out
         )
@@ -191,11 +204,9 @@ class EquivariantConv(MessagePassing):
             [num_radial, *[radial_hidden] * radial_layers, self.descriptor.weight_numel],
             **factory,
         )
-        self.linear_out = Linear(self.descriptor.irreps_out, self.irreps_node_out, **factory)
+        self.linear_out = Linear(self.descriptor.irreps_out, self.irreps_node_out, **linear)
         self.self_connection = (
-            Linear(self.irreps_node_in, self.irreps_node_out, **factory)
-            if self_connection
-            else None
+            Linear(self.irreps_node_in, self.irreps_node_out, **linear) if self_connection else None
         )
 
     def forward(

@@ -12,7 +12,7 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from torsion.equivariant._checks import as_irreps, check_features
+from torsion.equivariant._checks import as_irreps, check_features, check_weight_manifold
 from torsion.manifolds import Stiefel
 
 __all__ = ["Linear"]
@@ -118,15 +118,8 @@ class Linear(nn.Module):
         self.irreps_out = as_irreps(irreps_out, "irreps_out")
         if not isinstance(biases, bool):
             raise TypeError(f"Linear: biases must be a bool, got {type(biases).__name__}")
-        if not (
-            weight_manifold is None
-            or (isinstance(weight_manifold, str) and weight_manifold == "stiefel")
-        ):
-            raise ValueError(
-                f"Linear: weight_manifold must be None or 'stiefel', got {weight_manifold!r}"
-            )
         #: ``None`` or ``"stiefel"``: the constraint on the block weights.
-        self.weight_manifold: str | None = weight_manifold
+        self.weight_manifold = check_weight_manifold(weight_manifold, "Linear")
         factory = {"dtype": dtype, "device": device}
         #: e3nn's instructions ``(i_in, i_out)``, in weight order.
         self.instructions: tuple[tuple[int, int], ...] = tuple(

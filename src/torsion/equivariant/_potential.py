@@ -8,6 +8,7 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
+from torsion.equivariant._checks import check_weight_manifold
 from torsion.equivariant._conv import EquivariantConv
 from torsion.equivariant._gate import Gate
 from torsion.equivariant._linear import Linear
@@ -145,6 +146,14 @@ class EquivariantPotential(nn.Module):
         energy_scale: multiplies the network's per-atom output (default 1.0; e.g. the
             standard deviation of the per-atom energies, or the force RMS).
         backend: kernel backend of the convolutions, ``"auto"`` (default) or a name.
+        weight_manifold: ``None`` (default: free weights) or ``"stiefel"``: every
+            equivariant :class:`Linear` of the model (each convolution's input, output and
+            self-connection layers and the readout) gets orthonormal block weights,
+            :class:`geoopt.ManifoldParameter` s on :class:`torsion.manifolds.Stiefel` (see
+            :class:`Linear`); train them with :mod:`torsion.optim`'s Riemannian
+            optimizers. Symmetries and conservative forces are unchanged (the constraint
+            acts on multiplicity space only). The radial MLPs, the species embedding and
+            the atomic energies stay free.
         dtype: of the parameters.
         device: of the parameters.
 
@@ -154,7 +163,8 @@ class EquivariantPotential(nn.Module):
             composition to start close).
 
     Raises:
-        ValueError: for ``num_species < 1`` or invalid sizes.
+        ValueError: for ``num_species < 1``, invalid sizes, or a ``weight_manifold`` other
+            than ``None`` or ``"stiefel"``.
 
     Shapes:
         ``pos``: ``(N, 3)``, ``species``: ``(N,)``, ``batch``: ``(N,)`` or ``None``; output
@@ -174,10 +184,13 @@ class EquivariantPotential(nn.Module):
         avg_num_neighbors: float = 16.0,
         energy_scale: float = 1.0,
         backend: str = "auto",
+        weight_manifold: str | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        #: ``None`` or ``"stiefel"``: the constraint on the equivariant linear layers.
+        self.weight_manifold = check_weight_manifold(weight_manifold, "EquivariantPotential")
         for name, value, low in (
             ("num_species", num_species, 1),
             ("channels", channels, 1),
@@ -219,15 +232,17 @@ class EquivariantPotential(nn.Module):
                     radial_hidden,
                     avg_num_neighbors=avg_num_neighbors,
                     backend=backend,
+                    weight_manifold=weight_manifold,
                     **factory,
                 )
             )
             self.gates.append(gate)
             irreps = gate.irreps_out
         self.irreps_hidden = irreps
-        self.readout_hidden = Linear(irreps, scalars, **factory)
+        linear = {"weight_manifold": weight_manifold, **factory}
+        self.readout_hidden = Linear(irreps, scalars, **linear)
         self.readout_act = nn.SiLU()
-        self.readout = Linear(scalars, "0e", **factory)
+        self.readout = Linear(scalars, "0e", **linear)
         self.atomic_energies = nn.Parameter(torch.zeros(num_species, **factory))
         self.register_buffer("energy_scale", torch.tensor(float(energy_scale), **factory))
 

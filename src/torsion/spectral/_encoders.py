@@ -35,6 +35,16 @@ Calling convention (shared by the three)::
   becomes a GIN (each layer adds the sum over in-neighbours before its linear map), as in
   the papers; without it ``phi`` acts on each node alone (a DeepSets-style encoder).
 
+Manifold constraint. All three take ``weight_manifold="stiefel"``, which makes the last
+linear layer of the readout ``rho`` an orthonormal projection: a learned orthonormal
+frame, a :class:`geoopt.ManifoldParameter` on :class:`torsion.manifolds.Stiefel` trained
+by :mod:`torsion.optim`. ``rho`` only sees features that are already invariant, so every
+invariance above holds unchanged. The constraint is not put on the eigenvectors' side: an
+orthonormal mixing of the ``k`` eigenvector channels ``V -> V Q`` combines eigenvectors of
+different eigenvalues, which are not interchangeable, and would break the sign and basis
+invariances; the symmetric group of the eigenvectors is exactly what the encoders
+quotient out.
+
 Devices and host synchronisation: everything runs on the inputs' device. :class:`SignNet`
 never synchronises. :class:`SPE` and :class:`BasisNet` pad each graph to the largest graph
 of the batch, which needs the batch size and that maximum on the host (at most two
@@ -48,10 +58,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import geoopt
 import torch
 from torch import Tensor, nn
 
 from torsion._dtypes import tie_tolerance
+from torsion.manifolds import Stiefel
+from torsion.spectral._filters import _check_weight_manifold
 
 __all__ = ["SPE", "BasisNet", "SignNet"]
 
@@ -231,16 +244,56 @@ def _neighbour_sum(h: Tensor, edge_index: Tensor) -> Tensor:
     return torch.zeros_like(h).index_add(0, dst, h[src])
 
 
+class _OrthonormalLinear(nn.Module):
+    """``h -> h W + b`` with ``W`` an orthonormal ``(in_features, out_features)`` projection.
+
+    ``weight`` is a :class:`geoopt.ManifoldParameter` on ``Stiefel`` stored tall, like
+    :class:`torsion.equivariant.Linear`'s Stiefel weights: the ``(in, out)`` matrix itself
+    when ``in >= out`` (``W^T W = I``: ``h -> h W`` is the orthogonal projection onto the
+    span of ``W``'s columns, in their coordinates, so it never increases norms), its
+    ``(out, in)`` transpose otherwise (``W W^T = I``: an isometric embedding). Initialised
+    Haar-random from the global RNG (:meth:`torsion.manifolds.Stiefel.random`); the bias is
+    a free parameter starting at zero.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.transposed = in_features < out_features
+        shape = (max(in_features, out_features), min(in_features, out_features))
+        self.weight = geoopt.ManifoldParameter(torch.empty(shape), manifold=Stiefel())
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.weight.manifold.random(*self.weight.shape))
+            self.bias.zero_()
+
+    def forward(self, h: Tensor) -> Tensor:
+        weight = self.weight.mT if self.transposed else self.weight
+        return h @ weight + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, on stiefel"
+
+
 class _MLP(nn.Module):
     """Linear layers with ReLU between them, on the last dimension.
 
     With ``edge_index``, every layer first adds the sum over in-neighbours along the node
     dimension (a GIN layer with ``eps = 0``); all other dimensions are batch dimensions.
+    With ``orthonormal_last=True`` the last layer is an :class:`_OrthonormalLinear`.
     """
 
-    def __init__(self, dims: Sequence[int]) -> None:
+    def __init__(self, dims: Sequence[int], orthonormal_last: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        pairs = list(itertools.pairwise(dims))
+        last = len(pairs) - 1
+        self.layers = nn.ModuleList(
+            _OrthonormalLinear(a, b) if orthonormal_last and i == last else nn.Linear(a, b)
+            for i, (a, b) in enumerate(pairs)
+        )
 
     def reset_parameters(self) -> None:
         for layer in self.layers:
@@ -308,6 +361,16 @@ class SignNet(nn.Module):
         hidden_channels: width of ``phi`` and ``rho``. Default 32.
         phi_layers: linear layers in ``phi``. Default 2.
         rho_layers: linear layers in ``rho``. Default 2.
+        weight_manifold: ``None`` (default: a free readout) or ``"stiefel"``: the last
+            linear layer of ``rho`` is an orthonormal projection (a
+            :class:`geoopt.ManifoldParameter` on :class:`torsion.manifolds.Stiefel`, stored
+            tall: ``(in, out)`` when ``in >= out``, else its transpose; Haar-random
+            initialisation, bias at zero). Train it with :mod:`torsion.optim`. The
+            invariances are unchanged: ``rho`` only sees invariant features.
+
+    Raises:
+        ValueError: for non-positive sizes or layer counts, or a ``weight_manifold`` other
+            than ``None`` or ``"stiefel"``.
 
     Shapes:
         ``eigvecs``: ``(N, k)``; ``eigvals``: ``(k,)``, ``(B, k)`` or ``(N, k)``; ``batch``:
@@ -321,12 +384,19 @@ class SignNet(nn.Module):
         hidden_channels: int = 32,
         phi_layers: int = 2,
         rho_layers: int = 2,
+        *,
+        weight_manifold: str | None = None,
     ) -> None:
         super().__init__()
         _check_positive("SignNet", out_channels=out_channels, hidden_channels=hidden_channels)
+        #: ``None`` or ``"stiefel"``: the constraint on the readout's last layer.
+        self.weight_manifold = _check_weight_manifold("SignNet", weight_manifold)
         self.out_channels = out_channels
         self.phi = _MLP(_dims(2, hidden_channels, hidden_channels, phi_layers, "SignNet phi"))
-        self.rho = _MLP(_dims(hidden_channels, hidden_channels, out_channels, rho_layers, "rho"))
+        self.rho = _MLP(
+            _dims(hidden_channels, hidden_channels, out_channels, rho_layers, "rho"),
+            orthonormal_last=weight_manifold == "stiefel",
+        )
 
     def reset_parameters(self) -> None:
         self.phi.reset_parameters()
@@ -379,6 +449,16 @@ class SPE(nn.Module):
         psi_layers: linear layers in ``psi``. Default 2.
         phi_layers: linear layers in ``phi``. Default 2.
         rho_layers: linear layers in ``rho``. Default 2.
+        weight_manifold: ``None`` (default: a free readout) or ``"stiefel"``: the last
+            linear layer of ``rho`` is an orthonormal projection (a
+            :class:`geoopt.ManifoldParameter` on :class:`torsion.manifolds.Stiefel`, stored
+            tall: ``(in, out)`` when ``in >= out``, else its transpose; Haar-random
+            initialisation, bias at zero). Train it with :mod:`torsion.optim`. The
+            invariances are unchanged: ``rho`` only sees invariant features.
+
+    Raises:
+        ValueError: for non-positive sizes or layer counts, or a ``weight_manifold`` other
+            than ``None`` or ``"stiefel"``.
 
     Shapes:
         ``eigvecs``: ``(N, k)``; ``eigvals``: ``(k,)``, ``(B, k)`` or ``(N, k)``; ``batch``:
@@ -394,6 +474,8 @@ class SPE(nn.Module):
         psi_layers: int = 2,
         phi_layers: int = 2,
         rho_layers: int = 2,
+        *,
+        weight_manifold: str | None = None,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -402,12 +484,17 @@ class SPE(nn.Module):
             num_partitions=num_partitions,
             hidden_channels=hidden_channels,
         )
+        #: ``None`` or ``"stiefel"``: the constraint on the readout's last layer.
+        self.weight_manifold = _check_weight_manifold("SPE", weight_manifold)
         self.out_channels = out_channels
         self.num_partitions = num_partitions
         h = hidden_channels
         self.psi = _MLP(_dims(1, h, num_partitions, psi_layers, "SPE psi"))
         self.phi = _MLP(_dims(num_partitions, h, h, phi_layers, "SPE phi"))
-        self.rho = _MLP(_dims(2 * h, h, out_channels, rho_layers, "SPE rho"))
+        self.rho = _MLP(
+            _dims(2 * h, h, out_channels, rho_layers, "SPE rho"),
+            orthonormal_last=weight_manifold == "stiefel",
+        )
 
     def reset_parameters(self) -> None:
         for net in (self.psi, self.phi, self.rho):
@@ -465,6 +552,16 @@ class BasisNet(nn.Module):
         rho_layers: linear layers in ``rho``. Default 2.
         eigval_tol: relative tolerance for equal eigenvalues; default
             ``eps(dtype) ** (1/3)`` (6e-6 in float64, 5e-3 in float32).
+        weight_manifold: ``None`` (default: a free readout) or ``"stiefel"``: the last
+            linear layer of ``rho`` is an orthonormal projection (a
+            :class:`geoopt.ManifoldParameter` on :class:`torsion.manifolds.Stiefel`, stored
+            tall: ``(in, out)`` when ``in >= out``, else its transpose; Haar-random
+            initialisation, bias at zero). Train it with :mod:`torsion.optim`. The
+            invariances are unchanged: ``rho`` only sees invariant features.
+
+    Raises:
+        ValueError: for non-positive sizes or layer counts, a negative ``eigval_tol``,
+            or a ``weight_manifold`` other than ``None`` or ``"stiefel"``.
 
     Shapes:
         ``eigvecs``: ``(N, k)``; ``eigvals``: ``(k,)``, ``(B, k)`` or ``(N, k)``; ``batch``:
@@ -479,17 +576,24 @@ class BasisNet(nn.Module):
         phi_layers: int = 2,
         rho_layers: int = 2,
         eigval_tol: float | None = None,
+        *,
+        weight_manifold: str | None = None,
     ) -> None:
         super().__init__()
         _check_positive("BasisNet", k=k, out_channels=out_channels, hidden_channels=hidden_channels)
         if eigval_tol is not None and not eigval_tol >= 0.0:
             raise ValueError(f"BasisNet expects eigval_tol >= 0, got {eigval_tol}")
+        #: ``None`` or ``"stiefel"``: the constraint on the readout's last layer.
+        self.weight_manifold = _check_weight_manifold("BasisNet", weight_manifold)
         self.k = k
         self.out_channels = out_channels
         self.eigval_tol = eigval_tol
         h = hidden_channels
         self.phi = _MLP(_dims(3, h, h, phi_layers, "BasisNet phi"))
-        self.rho = _MLP(_dims(2 * h * k, h, out_channels, rho_layers, "BasisNet rho"))
+        self.rho = _MLP(
+            _dims(2 * h * k, h, out_channels, rho_layers, "BasisNet rho"),
+            orthonormal_last=weight_manifold == "stiefel",
+        )
 
     def reset_parameters(self) -> None:
         self.phi.reset_parameters()

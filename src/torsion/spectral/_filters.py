@@ -29,6 +29,15 @@ synchronisation per call (adding self-loops another, inside PyG's ``gcn_norm``);
 a gradient, messages are gathered and scattered edge by edge instead, so the gradient
 reaches the weights. Either way a product is one ``propagate`` call.
 
+Manifold constraints. The filters with per-channel coefficients, :class:`JacobiConv` and
+:class:`OptBasisConv`, take ``weight_manifold="stiefel"``: they then filter along the
+columns of a learned orthogonal ``C x C`` channel frame ``Q`` (a
+:class:`geoopt.ManifoldParameter` on :class:`torsion.manifolds.Stiefel`, trained by
+:mod:`torsion.optim`), ``out = filter(x Q) Q^T``. :class:`GPRConv`, :class:`BernConv` and
+:class:`ChebIIConv` share one set of coefficients across all channels, so they commute
+with every channel mixing (``g(S) x Q Q^T = g(S) x``): an orthogonal frame would cancel
+and they do not take the option.
+
 PyG's :class:`torch_geometric.nn.conv.ChebConv` already implements the classic Chebyshev
 filter with one weight matrix per order; it is not duplicated here.
 """
@@ -37,9 +46,11 @@ from __future__ import annotations
 
 import abc
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import geoopt
 import torch
 from torch import Tensor
 from torch.nn import Parameter
@@ -47,6 +58,7 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import coalesce
 
+from torsion.manifolds import Stiefel
 from torsion.spectral._polynomials import (
     Recurrence,
     bernstein_to_chebyshev,
@@ -129,6 +141,36 @@ def _check_graph(
                 f"{name}: edge_weight has negative entries; the normalized operator's spectrum "
                 "is then not confined to [-1, 1]"
             )
+
+
+def _check_weight_manifold(name: str, weight_manifold: object) -> str | None:
+    """``weight_manifold`` if it is ``None`` or ``"stiefel"``; a ``ValueError`` otherwise."""
+    if not (
+        weight_manifold is None
+        or (isinstance(weight_manifold, str) and weight_manifold == "stiefel")
+    ):
+        raise ValueError(
+            f"{name}: weight_manifold must be None or 'stiefel', got {weight_manifold!r}"
+        )
+    return weight_manifold
+
+
+def _channel_frame(channels: int, weight_manifold: str | None) -> geoopt.ManifoldParameter | None:
+    """The identity ``(channels, channels)`` frame on ``Stiefel``, or ``None`` without one."""
+    if weight_manifold is None:
+        return None
+    return geoopt.ManifoldParameter(torch.eye(channels), manifold=Stiefel())
+
+
+def _filter_in_frame(
+    frame: Tensor | None, x: Tensor, filter_channels: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``filter_channels(x Q) Q^T`` for an orthogonal frame ``Q``; ``filter_channels(x)``
+    without one. The per-channel filter then acts along the columns of ``Q``."""
+    if frame is None:
+        return filter_channels(x)
+    q = frame.to(x.dtype)  # the layer follows its input's dtype
+    return filter_channels(x @ q) @ q.mT
 
 
 def _describe(t: object) -> str:
@@ -491,6 +533,18 @@ class JacobiConv(_PolynomialFilter):
     Reference: X. Wang, M. Zhang, "How Powerful are Spectral Graph Neural Networks",
     ICML 2022.
 
+    With ``weight_manifold="stiefel"`` the per-channel polynomials act along the columns
+    ``q_c`` of a learned orthogonal channel frame ``Q`` (:attr:`channel_frame`, a
+    :class:`geoopt.ManifoldParameter` on :class:`torsion.manifolds.Stiefel`, initialised to
+    the identity so an untrained layer equals the unconstrained one):
+    ``out = sum_k P_k(Â) x Q diag(c_k) Q^T``, with ``c_k`` the coefficients of order ``k``.
+    Each order then mixes the channels by the symmetric matrix ``Q diag(c_k) Q^T``, all of
+    them sharing the eigenbasis ``Q``: a multichannel filter with ``C (C - 1) / 2`` more
+    degrees of freedom that stays a polynomial of ``Â`` in every direction ``q_c``. Train
+    ``Q`` with :mod:`torsion.optim`'s Riemannian optimizers (a Euclidean step leaves the
+    manifold). While all channels have the same coefficients (as at initialisation) the
+    output does not depend on ``Q``, and neither does the loss.
+
     Args:
         channels: number of feature channels ``C``.
         K: polynomial degree, ``>= 0``. Default 10.
@@ -499,6 +553,11 @@ class JacobiConv(_PolynomialFilter):
         add_self_loops: use ``A + I`` (default ``False``, as in the paper).
         cached: keep the normalized operator of the first call (transductive use only).
         check: validate edge indices and weights on every call (host syncs; default off).
+        weight_manifold: ``None`` (default: no channel frame, the paper's layer) or
+            ``"stiefel"`` (an orthogonal channel frame, see above).
+
+    Raises:
+        ValueError: for a ``weight_manifold`` other than ``None`` or ``"stiefel"``.
 
     Shapes:
         ``x``: ``(N, channels)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``;
@@ -516,15 +575,20 @@ class JacobiConv(_PolynomialFilter):
         add_self_loops: bool = False,
         cached: bool = False,
         check: bool = False,
+        weight_manifold: str | None = None,
     ) -> None:
         super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
         self.channels = _check_channels("JacobiConv", channels)
         self._recurrence = jacobi_recurrence(self.K, float(a), float(b))
         if not alpha > 0.0:
             raise ValueError(f"JacobiConv expects alpha > 0, got {alpha}")
+        #: ``None`` or ``"stiefel"``: the constraint on the channel frame.
+        self.weight_manifold = _check_weight_manifold("JacobiConv", weight_manifold)
         self.a, self.b, self.alpha = float(a), float(b), float(alpha)
         self.weight = Parameter(torch.empty(self.K + 1, self.channels))
         self.eta = Parameter(torch.empty(self.K))
+        #: The orthogonal ``(C, C)`` channel frame ``Q`` (``None`` without a weight manifold).
+        self.channel_frame = _channel_frame(self.channels, weight_manifold)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -532,6 +596,8 @@ class JacobiConv(_PolynomialFilter):
         with torch.no_grad():
             self.weight.fill_(1.0)
             self.eta.fill_(min(1.0 / self.alpha, 1.0))
+            if self.channel_frame is not None:
+                self.channel_frame.copy_(torch.eye(self.channels))
 
     def coefficients(self) -> Tensor:
         """Coefficients of ``P_0`` to ``P_K`` per channel, shape ``(K + 1, channels)``."""
@@ -542,10 +608,13 @@ class JacobiConv(_PolynomialFilter):
     def _filter(self, x: Tensor, apply, batch: Tensor | None) -> Tensor:
         _check_channels_match(type(self).__name__, self.channels, x)
         coeffs = self.coefficients().to(x.dtype)
-        return recurrence_filter(apply, x, coeffs, self._recurrence)
+        return _filter_in_frame(
+            self.channel_frame, x, lambda h: recurrence_filter(apply, h, coeffs, self._recurrence)
+        )
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, K={self.K}, a={self.a}, b={self.b}"
+        manifold = "" if self.weight_manifold is None else f", on {self.weight_manifold}"
+        return f"{self.channels}, K={self.K}, a={self.a}, b={self.b}{manifold}"
 
 
 class OptBasisConv(_PolynomialFilter):
@@ -572,6 +641,18 @@ class OptBasisConv(_PolynomialFilter):
     In both cases ``w`` starts at ``(1, 0, ..., 0)`` and a forward pass costs exactly ``K``
     sparse products.
 
+    With ``weight_manifold="stiefel"`` (an orthonormal channel mixing) the per-channel
+    bases and weights act along the columns ``q_c`` of a learned orthogonal channel frame
+    ``Q`` (:attr:`channel_frame`, a :class:`geoopt.ManifoldParameter` on
+    :class:`torsion.manifolds.Stiefel`, initialised to the identity so an untrained layer
+    equals the unconstrained one): ``out = filter(x Q) Q^T``. Channel ``c`` of ``x Q`` is
+    the signal's component along ``q_c``, and its filtered version goes back along
+    ``q_c``; since ``Q`` is orthogonal, nothing of ``x`` is lost or amplified by the
+    mixing itself. With ``basis="optimal"`` the Lanczos basis of each direction ``q_c``
+    adapts to ``x q_c``, so ``Q`` chooses which channel combinations get their own
+    optimal basis. Train ``Q`` with :mod:`torsion.optim`'s Riemannian optimizers (a
+    Euclidean step leaves the manifold).
+
     Reference: Y. Guo, Z. Wei, "Graph Neural Networks with Learnable and Optimal
     Polynomial Bases", ICML 2023.
 
@@ -582,10 +663,24 @@ class OptBasisConv(_PolynomialFilter):
         add_self_loops: use ``A + I`` (default ``False``, as in the paper).
         cached: keep the normalized operator of the first call (transductive use only).
         check: validate edge indices and weights on every call (host syncs; default off).
+        weight_manifold: ``None`` (default: no channel frame, the paper's layer) or
+            ``"stiefel"`` (an orthogonal channel frame, see above).
+
+    Raises:
+        ValueError: for an unknown ``basis``, or a ``weight_manifold`` other than ``None``
+            or ``"stiefel"``.
 
     Shapes:
         ``x``: ``(N, channels)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``;
         output ``(N, channels)``.
+
+    Example:
+        >>> conv = OptBasisConv(4, K=3, weight_manifold="stiefel")
+        >>> type(conv.channel_frame).__name__, tuple(conv.channel_frame.shape)
+        ('ManifoldParameter', (4, 4))
+        >>> edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+        >>> conv(torch.randn(3, 4), edge_index).shape
+        torch.Size([3, 4])
     """
 
     def __init__(
@@ -597,16 +692,21 @@ class OptBasisConv(_PolynomialFilter):
         add_self_loops: bool = False,
         cached: bool = False,
         check: bool = False,
+        weight_manifold: str | None = None,
     ) -> None:
         super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
         self.channels = _check_channels("OptBasisConv", channels)
         if basis not in ("optimal", "favard"):
             raise ValueError(f"OptBasisConv basis must be 'optimal' or 'favard', got {basis!r}")
+        #: ``None`` or ``"stiefel"``: the constraint on the channel frame.
+        self.weight_manifold = _check_weight_manifold("OptBasisConv", weight_manifold)
         self.basis = basis
         self.weight = Parameter(torch.empty(self.K + 1, self.channels))
         if basis == "favard":
             self.sqrt_beta = Parameter(torch.empty(self.K + 1, self.channels))
             self.gamma = Parameter(torch.empty(self.K, self.channels))
+        #: The orthogonal ``(C, C)`` channel frame ``Q`` (``None`` without a weight manifold).
+        self.channel_frame = _channel_frame(self.channels, weight_manifold)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -617,6 +717,8 @@ class OptBasisConv(_PolynomialFilter):
             if self.basis == "favard":
                 self.sqrt_beta.fill_(1.0)
                 self.gamma.zero_()
+            if self.channel_frame is not None:
+                self.channel_frame.copy_(torch.eye(self.channels))
 
     def favard_recurrence(self, dtype: torch.dtype) -> tuple[Tensor, Recurrence]:
         """``(1 / sqrt(beta_0), recurrence)`` of the learned FavardGNN basis, per channel."""
@@ -632,11 +734,19 @@ class OptBasisConv(_PolynomialFilter):
         weight = self.weight.to(x.dtype)
         if self.basis == "favard":
             scale, rec = self.favard_recurrence(x.dtype)
-            return recurrence_filter(apply, x, weight, rec, first=x * scale)
-        return _lanczos_filter(apply, x, weight, self.K, batch)
+
+            def filter_channels(h: Tensor) -> Tensor:
+                return recurrence_filter(apply, h, weight, rec, first=h * scale)
+        else:
+
+            def filter_channels(h: Tensor) -> Tensor:
+                return _lanczos_filter(apply, h, weight, self.K, batch)
+
+        return _filter_in_frame(self.channel_frame, x, filter_channels)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, K={self.K}, basis={self.basis!r}"
+        manifold = "" if self.weight_manifold is None else f", on {self.weight_manifold}"
+        return f"{self.channels}, K={self.K}, basis={self.basis!r}{manifold}"
 
 
 def _column_dot(a: Tensor, b: Tensor, batch: Tensor | None) -> Tensor:
