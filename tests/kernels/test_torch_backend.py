@@ -19,8 +19,14 @@ from torsion.kernels import (
     torch_conv,
     torch_tensor_product,
 )
-from torsion.kernels._torch_ops import conv_grads, conv_slot, plan_handle, tp_slot
-from torsion.kernels._torch_plan import SLOT_OUT, SLOT_W, SLOT_X1, SLOT_X2, plan_for
+from torsion.kernels._torch_ops import (
+    conv_grads,
+    conv_grads_backward,
+    conv_slot,
+    plan_handle,
+    tp_slot,
+)
+from torsion.kernels._torch_plan import SLOT_OUT, SLOT_W, SLOT_X1, SLOT_X2, Scratch, plan_for
 from torsion.reps import LAYOUTS, TPDescriptor
 
 F64 = torch.float64
@@ -242,6 +248,14 @@ def test_conv_slot_op_passes_opcheck(generator):
                     need = (True, True, True)
                     args = (plan_handle(d), per_edge, False, deterministic, x, attr, w, g)
                     torch.library.opcheck(conv_grads, (*args, src, dst, 3, 4, *need))
+                    incoming = (
+                        _randn(generator, 3, d.irreps_in1.dim, requires_grad=True),
+                        _randn(generator, 5, d.irreps_in2.dim, requires_grad=True),
+                        _randn(generator, *w.shape, requires_grad=True),
+                    )
+                    torch.library.opcheck(
+                        conv_grads_backward, (*args, *incoming, src, dst, 3, 4, *need, True)
+                    )
 
 
 def _edges(generator, num_nodes, num_edges):
@@ -304,6 +318,66 @@ def test_conv_derivatives_in_chunks_with_int32_indices(
         ours = energy_and_force_loss(torch_conv, s, t, reduction=reduction)
         for a, b in zip(ours, expected, strict=True):
             _assert_close(a, b, F64)
+
+
+# the merged plans in every combination; the per-path plan (slower) and the unweighted
+# descriptor (no weights to share) in fewer
+THIRD_ORDER_CASES = [
+    *(
+        (name, shared, reduction, wrt)
+        for name in ("merged", "merged_shared_outputs")
+        for shared in (False, True)
+        for reduction in ("sorted", "index_add")
+        for wrt in ("all", "attr")
+    ),
+    *(("mixed", shared, "sorted", "all") for shared in (False, True)),
+    ("mixed", False, "index_add", "attr"),
+    *(("merged_unweighted", False, reduction, "all") for reduction in ("sorted", "index_add")),
+    ("merged_unweighted", False, "index_add", "attr"),
+]
+
+
+@pytest.mark.parametrize(("name", "shared", "reduction", "wrt"), THIRD_ORDER_CASES)
+def test_conv_derivatives_to_third_order_match_reference(
+    name, shared, reduction, wrt, generator, monkeypatch
+):
+    """Force training through the fused second-order op (all input gradients, or only the
+    edge attributes' as for forces), with an energy whose output gradient depends on the
+    inputs, and one order more through the op's own backward; chunks of 4 edges, the last
+    one shorter (its intermediates reuse the larger buffers of the first)."""
+    monkeypatch.setattr(plan_module.TPPlan, "chunk_size", lambda self: 4)
+    d = DESCRIPTORS[name]("ir_mul")
+    x = _randn(generator, 5, d.irreps_in1.dim, requires_grad=True)
+    attr = _randn(generator, 11, d.irreps_in2.dim, requires_grad=True)
+    w = _randn(generator, *(() if shared else (11,)), d.weight_numel, requires_grad=True)
+    probe = _randn(generator, 5, d.irreps_out.dim)
+    src, dst = _edges(generator, 5, 11)
+    inputs = (x, attr, w) if d.weight_numel else (x, attr)
+    first_wrt = inputs if wrt == "all" else (attr,)
+
+    def derivatives(fn, **kwargs):
+        out = fn(d, x, attr, w if d.weight_numel else None, src, dst, 5, **kwargs)
+        energy = (out * probe).sum() + out.pow(2).sum()
+        first = torch.autograd.grad(energy, first_wrt, create_graph=True)
+        second = torch.autograd.grad(sum((g**2).sum() for g in first), inputs, create_graph=True)
+        third = torch.autograd.grad(sum((g**3).sum() for g in second), inputs)
+        return (*first, *second, *third)
+
+    expected = derivatives(reference_conv)
+    for ours, theirs in zip(derivatives(torch_conv, reduction=reduction), expected, strict=True):
+        _assert_close(ours, theirs, F64)
+
+
+def test_scratch_reuses_one_buffer_per_name():
+    scratch = Scratch()
+    like = torch.zeros(1, dtype=F64)
+    big = scratch("a", (4, 5), like)
+    small = scratch("a", (2, 3), like)
+    assert small.shape == (2, 3) and small.is_contiguous()
+    assert small.data_ptr() == big.data_ptr()  # the same memory, not a new allocation
+    assert scratch("b", (2, 3), like).data_ptr() != big.data_ptr()
+    assert scratch("a", (5, 5), like).numel() == 25  # grows when too small
+    assert scratch("a", (2,), like.float()).dtype == torch.float32
 
 
 def test_conv_gradcheck_and_gradgradcheck(generator):

@@ -13,6 +13,7 @@ import geoopt
 import pytest
 import torch
 
+from torsion.manifolds import Grassmann
 from torsion.manifolds._stiefel import Stiefel
 from torsion.testing import ManifoldSuite
 
@@ -289,6 +290,8 @@ def test_random_is_haar_distributed():
         (4000, 5, 2), dtype=torch.float64, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(x, again)
+    assert x.is_contiguous() and Grassmann().random(7, 3).is_contiguous()  # row-major
+    assert Stiefel().random(2, 1).stride() == (1, 1)  # DDP buckets compare raw strides
 
 
 def test_dim_and_repr():

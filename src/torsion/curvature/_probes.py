@@ -284,6 +284,9 @@ def _project_out_(basis: Tensor, x: Tensor) -> Tensor:
     return coeff
 
 
+_GRAM_RESOLUTION = 16 * torch.finfo(torch.float64).eps ** 0.5
+
+
 def _svqb(x: Tensor, drop: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
     """Orthonormal rows spanning the rows of ``x``, dropping singular values ``<= drop``.
 
@@ -300,7 +303,11 @@ def _svqb(x: Tensor, drop: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
     gram = x.double() @ x.double().mT
     w, u = torch.linalg.eigh(gram)
     s = w.clamp_min(0).sqrt()
-    keep = s > drop  # boolean indexing below is the host sync of the rank test
+    # eigh of the Gram matrix resolves singular values only down to about sqrt(eps) of
+    # the largest: below that s is noise and u / s would not normalise (a spurious,
+    # non-unit row), so that is the smallest drop honoured
+    floor = _GRAM_RESOLUTION * s.max()
+    keep = s > torch.clamp(floor, min=drop)  # boolean indexing below: the rank test's sync
     u, kept, dropped = u[:, keep], s[keep], torch.linalg.vector_norm(s[~keep])
     q = (u / kept).mT.to(x.dtype) @ x
     return q, dropped.to(x.dtype), (kept[:, None] * u.mT).to(x.dtype)
@@ -340,7 +347,10 @@ def _orthonormal_block(
     q, dropped, _ = _svqb(x, drop * ref)
     if q.shape[0] > 0:
         _project_out_(basis, q)
-        q, _, _ = _svqb(q, 0.0)
+        # q's rows had unit norm: a row that re-projection shrinks to rounding noise lay
+        # in span(basis) after all (kept by the first pass at a rank-deficient residual)
+        # and must be dropped, not normalised into a spurious direction
+        q, _, _ = _svqb(q, drop)
     return q, dropped, q @ projected.mT, coeff
 
 
@@ -558,7 +568,8 @@ def eigsh(
 
     Raises:
         ValueError: ``k`` outside ``[1, n]``, an unknown ``which`` or ``criterion``, a
-            non-positive ``tol``, a ``v0`` of the wrong shape, or ``ncv`` too small.
+            non-positive ``tol``, a ``v0`` of the wrong shape, ``ncv`` too small, or
+            products with NaN or infinite entries (detected when the decomposition fails).
         TypeError: ``op`` lacks the operator attributes, or a bad ``generator``/``v0``.
 
     Shapes:
@@ -599,9 +610,20 @@ def eigsh(
     else:
         _check_count(max_iter, "max_iter", 1)
     with _progress(op, progress, None, "eigsh") as op:
-        return _thick_restart_lanczos(
-            op, n, k, which, tol, max_iter, x, ncv, block, criterion, generator
-        )
+        try:
+            return _thick_restart_lanczos(
+                op, n, k, which, tol, max_iter, x, ncv, block, criterion, generator
+            )
+        except torch.linalg.LinAlgError as error:
+            # checked only on failure: a NaN or Inf product is the usual cause, and
+            # eigh's "failed to converge" message does not say so
+            ones = torch.ones(n, 1, dtype=op.dtype, device=op.device)
+            if not bool(torch.isfinite(_apply(op, ones)).all()):
+                raise ValueError(
+                    "eigsh: the operator's products have NaN or infinite entries (a NaN in "
+                    "the model, the loss or the data?)"
+                ) from error
+            raise
 
 
 def _thick_restart_lanczos(

@@ -10,7 +10,8 @@ How it is fast (details in :mod:`torsion.kernels._torch_plan`):
   multiply applies the per-edge weights. No per-channel outer product is formed;
 * every other descriptor (``uvw``, ``uuu``, ``uvu`` with multiplicities on both inputs)
   runs one einsum per path;
-* work is cut into chunks of about 2 MiB of intermediates, which stay in cache;
+* work is cut into chunks of about 2 MiB of intermediates (4 MiB in float64), whose
+  buffers are reused from chunk to chunk instead of allocated (and page-faulted) anew;
 * message passing (:func:`torch_conv`) is fused: per chunk of edges, gather the senders,
   evaluate, and scatter-sum into the receivers, either with ``index_add_``
   (``reduction="index_add"``; atomic, so not bitwise reproducible, on CUDA) or with a
@@ -21,11 +22,12 @@ Derivatives. The tensor product is trilinear, so its gradient with respect to an
 is again a tensor product with the roles permuted (the gradient with respect to ``x1`` is
 the product of ``grad_out`` with ``x2`` through the transposed coefficients, and so on).
 The ops are ``torch.library`` custom ops (``torsion::tp_slot``, ``torsion::conv_slot``,
-and for message passing the fused first-order backward ``torsion::conv_grads`` and the
-second-order ``torsion::conv_slot_pair``; see :mod:`torsion.kernels._torch_ops`) whose
-registered backward calls the same ops, so backward, double backward (forces, and force
-training) and higher orders are explicit tensor products, with fake (meta)
-implementations for ``torch.compile``.
+and for message passing the fused first-order backward ``torsion::conv_grads`` and its own
+backward ``torsion::conv_grads_backward``, the second-order pass of force training in one
+sweep over the edges; see :mod:`torsion.kernels._torch_ops`) whose registered backward
+calls the same ops, so backward, double backward (forces, and force training) and higher
+orders are explicit tensor products, with fake (meta) implementations for
+``torch.compile``.
 
 Force training with ``torch.compile``. ``aot_autograd`` cannot differentiate twice through
 a compiled region: both ``torch.compile(energy)`` and a compiled function that returns

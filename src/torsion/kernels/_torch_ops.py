@@ -13,8 +13,9 @@ Every op evaluates *slots* of the trilinear form ``F(x1, x2, w, g) = <g, TP(x1, 
 * ``torsion::conv_grads(...)``: the ``x_node``, ``edge_attr`` and weight slots in one
   pass (the first-order backward of ``conv``: the gathered output gradient, the weighted
   rows and the per-edge matrix are shared);
-* ``torsion::conv_slot_pair(...)``: the sum of two evaluations of one slot in one pass (the
-  second-order backward adds such pairs; their shared gathers are done once).
+* ``torsion::conv_grads_backward(...)``: the backward of ``conv_grads`` (the second-order
+  pass of force training): every slot of the sum of terms it defines, in one pass that
+  shares the gathers, the per-edge matrices and the products between them.
 
 The gradient of a slot with respect to one of its inputs is the op for that input's slot
 with the target's place taken by the incoming gradient, so every registered backward is
@@ -32,10 +33,24 @@ import threading
 import torch
 from torch import Tensor
 
-from torsion.kernels._torch_plan import SLOT_OUT, SLOT_W, SLOT_X1, SLOT_X2, TPPlan, plan_for
+from torsion.kernels._torch_plan import (
+    SLOT_OUT,
+    SLOT_W,
+    SLOT_X1,
+    SLOT_X2,
+    Scratch,
+    TPPlan,
+    plan_for,
+)
 from torsion.reps import TPDescriptor
 
-__all__ = ["conv_grads", "conv_slot", "conv_slot_pair", "plan_handle", "tp_slot"]
+__all__ = [
+    "conv_grads",
+    "conv_grads_backward",
+    "conv_slot",
+    "plan_handle",
+    "tp_slot",
+]
 
 _PLANS: list[TPPlan] = []
 _HANDLES: dict[TPDescriptor, int] = {}
@@ -109,6 +124,7 @@ def tp_slot(
     result = (anchor.new_zeros if shared_sum else anchor.new_empty)(
         _slot_shape(tp, target, batch, batched)
     )
+    scratch = Scratch()
     for start in range(0, batch, chunk):
         rows = slice(start, min(start + chunk, batch))
         part = tp.slot(
@@ -120,6 +136,7 @@ def tp_slot(
             per_sample,
             weighted_only,
             out=None if shared_sum else result[rows],
+            scratch=scratch,
         )
         if shared_sum:
             result += part
@@ -196,30 +213,9 @@ def conv_slot(
     the edge slots ``(E, ...)``. Chunks of edges are gathered, evaluated and scattered
     (``index_add_``, or with ``deterministic`` a receiver-sorted segment reduction).
     """
-    terms = [(weighted_only, x_node, edge_attr, w, g)]
-    return _conv_terms(
-        _PLANS[plan], target, terms, per_edge, deterministic, edge_src, edge_dst, num_src, num_dst
-    )
-
-
-def _conv_terms(
-    tp: TPPlan,
-    target: int,
-    terms: list[tuple[bool, Tensor | None, Tensor | None, Tensor | None, Tensor | None]],
-    per_edge: bool,
-    deterministic: bool,
-    edge_src: Tensor,
-    edge_dst: Tensor,
-    num_src: int,
-    num_dst: int,
-) -> Tensor:
-    """The sum over ``terms`` (``(weighted_only, x_node, edge_attr, w, g)``, the target's
-    place ``None``) of slot ``target``, in one pass over the edges: each distinct tensor is
-    gathered once per chunk and the terms are summed before one scatter."""
-    first = terms[0]
-    anchor = next(t for t in first[1:] if t is not None and t.dim() == 2)
+    tp = _PLANS[plan]
+    anchor = next(t for t in (x_node, edge_attr, g) if t is not None)
     num_edges = edge_src.shape[0]
-    scatter = {SLOT_OUT: edge_dst, SLOT_X1: edge_src}.get(target)
     if target == SLOT_OUT:
         result = anchor.new_zeros((num_dst, tp.slot_dim(target)))
     elif target == SLOT_X1:
@@ -230,27 +226,26 @@ def _conv_terms(
         result = anchor.new_empty((num_edges, tp.slot_dim(target)))
     if num_edges == 0:
         return result.zero_()
+    scatter = {SLOT_OUT: edge_dst, SLOT_X1: edge_src}.get(target)
     order = None
     if scatter is not None and deterministic:
         order = torch.argsort(scatter, stable=True)
+    scratch = Scratch()
     chunk = tp.chunk_size()
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)
         rows = slice(start, stop) if order is None else order[start:stop]
         src, dst = _take(edge_src, rows), _take(edge_dst, rows)
-        cache: dict[tuple[int, int], Tensor] = {}
-        part = None
-        for weighted_only, x_node, edge_attr, w, g in terms:
-            term = tp.slot(
-                target,
-                _gather(cache, x_node, SLOT_X1, src),
-                _gather(cache, edge_attr, SLOT_X2, rows),
-                w if not per_edge else _gather(cache, w, SLOT_W, rows),
-                _gather(cache, g, SLOT_OUT, dst),
-                per_edge,
-                weighted_only,
-            )
-            part = term if part is None else part.add_(term)
+        part = tp.slot(
+            target,
+            _gather(x_node, src, scratch, "x_node"),
+            None if edge_attr is None else _take(edge_attr, rows),
+            _take(w, rows) if (w is not None and per_edge) else w,
+            _gather(g, dst, scratch, "g"),
+            per_edge,
+            weighted_only,
+            scratch=scratch,
+        )
         if target == SLOT_OUT:
             _reduce_into(result, dst, part, deterministic)
         elif target == SLOT_X1:
@@ -262,16 +257,12 @@ def _conv_terms(
     return result
 
 
-def _gather(
-    cache: dict[tuple[int, int], Tensor], t: Tensor | None, slot: int, rows: slice | Tensor
-) -> Tensor | None:
-    """``t``'s rows for this chunk, gathered once per distinct tensor."""
+def _gather(t: Tensor | None, index: Tensor, scratch: Scratch, name: str) -> Tensor | None:
+    """``t[index]`` (node rows for this chunk's edges) in a reused buffer."""
     if t is None:
         return None
-    key = (id(t), slot)
-    if key not in cache:
-        cache[key] = _take(t, rows)
-    return cache[key]
+    out = scratch(name, (index.shape[0], t.shape[1]), t)
+    return torch.index_select(t, 0, index, out=out)
 
 
 def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
@@ -380,6 +371,7 @@ def conv_grads(
     if num_edges == 0 or not targets:
         return grad_x.zero_(), grad_attr.zero_(), grad_w.zero_()
     order = torch.argsort(edge_src, stable=True) if (need_x and deterministic) else None
+    scratch = Scratch()
     chunk = tp.chunk_size()
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)
@@ -391,12 +383,13 @@ def conv_grads(
         src, dst = take(edge_src), take(edge_dst)
         parts = tp.gradients(
             targets,
-            x_node.index_select(0, src),
+            _gather(x_node, src, scratch, "x_node"),
             take(edge_attr),
             take(w) if (w is not None and per_edge) else w,
-            g.index_select(0, dst),
+            _gather(g, dst, scratch, "g"),
             per_edge,
             weighted_only,
+            scratch=scratch,
         )
         for target, part in zip(targets, parts, strict=True):
             if target == SLOT_X1:
@@ -460,115 +453,211 @@ def _grads_setup(ctx, inputs, output) -> None:
 
 
 def _grads_backward(ctx, grad_x, grad_attr, grad_w):
-    """Each output is a ``conv_slot`` of the inputs; its derivatives are ``conv_slot`` ops
-    with the incoming gradient in that output's place, summed over the outputs."""
+    """Each output is a ``conv_slot`` of the inputs, so the derivative is a sum of
+    ``conv_slot`` terms with the incoming gradients in the outputs' places, all evaluated
+    in one pass by :func:`conv_grads_backward`."""
     plan, per_edge, weighted_only, deterministic, num_src, num_dst = ctx.args
     x, attr, w, g, src, dst = ctx.saved_tensors
-    terms: list[list[tuple]] = [[] for _ in range(4)]  # per input slot: (only, *slots)
-    for source, incoming, needed in zip(
-        (SLOT_X1, SLOT_X2, SLOT_W), (grad_x, grad_attr, grad_w), ctx.need, strict=True
-    ):
-        if incoming is None or not needed or (w is None and source == SLOT_W):
-            continue
-        slots = [x, attr, w, g]
-        slots[source] = incoming
-        only = weighted_only or source == SLOT_W
-        for slot in range(4):
-            if slot == source or not ctx.needs_input_grad[4 + slot] or slots[slot] is None:
-                continue
-            args = list(slots)
-            args[slot] = None
-            terms[slot].append((only, *args))
-    total: list[Tensor | None] = [None] * 4
-    common = (src, dst, num_src, num_dst)
-    for slot, pending in enumerate(terms):
-        while len(pending) >= 2:
-            a, b = pending.pop(), pending.pop()
-            term = conv_slot_pair(plan, slot, per_edge, deterministic, *a, *b, *common)
-            total[slot] = term if total[slot] is None else total[slot] + term
-        if pending:
-            only, *args = pending.pop()
-            term = conv_slot(plan, slot, per_edge, only, deterministic, *args, *common)
-            total[slot] = term if total[slot] is None else total[slot] + term
+    incoming = [
+        d if (needed and d is not None) else None
+        for d, needed in zip((grad_x, grad_attr, grad_w), ctx.need, strict=True)
+    ]
+    if w is None:
+        incoming[2] = None
+    # a slot receives a term from every incoming gradient but its own
+    need = [
+        ctx.needs_input_grad[4 + slot]
+        and any(d is not None for source, d in enumerate(incoming) if source != slot)
+        for slot in range(4)
+    ]
+    need[SLOT_W] = need[SLOT_W] and w is not None
+    if not any(need) or all(d is None for d in incoming):
+        return (None,) * 15
+    outputs = conv_grads_backward(
+        plan, per_edge, weighted_only, deterministic, x, attr, w, g, *incoming, src, dst,
+        num_src, num_dst, *need,
+    )  # fmt: skip
+    total = [value if needed else None for value, needed in zip(outputs, need, strict=True)]
     return (None,) * 4 + tuple(total) + (None,) * 7
 
 
 conv_grads.register_autograd(_grads_backward, setup_context=_grads_setup)
 
 
-# -- two terms of one slot, summed in one pass ------------------------------------------------
+# -- the fused second-order backward of message passing ------------------------------------
 
 
-@torch.library.custom_op("torsion::conv_slot_pair", mutates_args=())
-def conv_slot_pair(
+@torch.library.custom_op("torsion::conv_grads_backward", mutates_args=())
+def conv_grads_backward(
     plan: int,
-    target: int,
     per_edge: bool,
+    weighted_only: bool,
     deterministic: bool,
-    weighted_only_a: bool,
-    x_node_a: Tensor | None,
-    edge_attr_a: Tensor | None,
-    w_a: Tensor | None,
-    g_a: Tensor | None,
-    weighted_only_b: bool,
-    x_node_b: Tensor | None,
-    edge_attr_b: Tensor | None,
-    w_b: Tensor | None,
-    g_b: Tensor | None,
+    x_node: Tensor,
+    edge_attr: Tensor,
+    w: Tensor | None,
+    g: Tensor,
+    grad_x: Tensor | None,
+    grad_attr: Tensor | None,
+    grad_w: Tensor | None,
     edge_src: Tensor,
     edge_dst: Tensor,
     num_src: int,
     num_dst: int,
-) -> Tensor:
-    """``conv_slot(target, a) + conv_slot(target, b)`` in one pass over the edges (what the
-    second-order backward needs: the gathers they share are done once)."""
-    terms = [
-        (weighted_only_a, x_node_a, edge_attr_a, w_a, g_a),
-        (weighted_only_b, x_node_b, edge_attr_b, w_b, g_b),
-    ]
-    return _conv_terms(
-        _PLANS[plan], target, terms, per_edge, deterministic, edge_src, edge_dst, num_src, num_dst
-    )
+    need_x: bool,
+    need_attr: bool,
+    need_w: bool,
+    need_g: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward of :func:`conv_grads` (the second-order pass of force training) in one
+    pass over the edges.
 
-
-@conv_slot_pair.register_fake
-def _conv_slot_pair_fake(plan, target, per_edge, deterministic, *rest):
-    wo_a, xa, aa, wa, ga, wo_b, xb, ab, wb, gb, src, dst, num_src, num_dst = rest
-    _conv_slot_fake(plan, target, per_edge, wo_b, deterministic, xb, ab, wb, gb, src, dst,
-                    num_src, num_dst)  # fmt: skip
-    return _conv_slot_fake(
-        plan, target, per_edge, wo_a, deterministic, xa, aa, wa, ga, src, dst, num_src, num_dst
-    )
-
-
-def _pair_setup(ctx, inputs, output) -> None:
-    plan, target, per_edge, deterministic = inputs[:4]
-    wo_a, wo_b = inputs[4], inputs[9]
-    src, dst, num_src, num_dst = inputs[14:]
-    ctx.args = (plan, target, per_edge, deterministic, wo_a, wo_b, num_src, num_dst)
-    ctx.save_for_backward(*inputs[5:9], *inputs[10:14], src, dst)
-
-
-def _pair_backward(ctx, grad):
-    plan, target, per_edge, deterministic, wo_a, wo_b, num_src, num_dst = ctx.args
-    saved = ctx.saved_tensors
-    src, dst = saved[8], saved[9]
-    total: list[Tensor | None] = [None] * 8
-    for offset, needs_offset, weighted_only, slots in (
-        (0, 5, wo_a, list(saved[0:4])),
-        (4, 10, wo_b, list(saved[4:8])),
-    ):
-        slots[target] = grad
-        only = weighted_only or target == SLOT_W
-        for slot in range(4):
-            if slot == target or not ctx.needs_input_grad[needs_offset + slot]:
-                continue
-            args = list(slots)
-            args[slot] = None
-            total[offset + slot] = conv_slot(
-                plan, slot, per_edge, only, deterministic, *args, src, dst, num_src, num_dst
+    ``grad_x``, ``grad_attr``, ``grad_w`` are the incoming gradients of ``conv_grads``'s
+    outputs (``None``: none). Returns the ``x_node``, ``edge_attr``, weight and output
+    gradient slots of the sum of the ``conv_slot`` terms they define (see
+    :meth:`~torsion.kernels._torch_plan.TPPlan.second_order`); a slot not asked for comes
+    back empty. Per chunk, every input is gathered once and the per-edge matrices and
+    products are shared between the four results.
+    """
+    tp = _PLANS[plan]
+    num_edges = edge_src.shape[0]
+    need = {SLOT_X1: need_x, SLOT_X2: need_attr, SLOT_W: need_w and w is not None, SLOT_OUT: need_g}
+    results = {
+        SLOT_X1: x_node.new_zeros((num_src, tp.slot_dim(SLOT_X1)) if need_x else (0,)),
+        SLOT_X2: x_node.new_empty((num_edges, tp.slot_dim(SLOT_X2)) if need_attr else (0,)),
+        SLOT_W: x_node.new_empty((0,)),
+        SLOT_OUT: x_node.new_zeros((num_dst, tp.slot_dim(SLOT_OUT)) if need_g else (0,)),
+    }
+    if need[SLOT_W]:
+        results[SLOT_W] = (
+            x_node.new_empty((num_edges, tp.slot_dim(SLOT_W)))
+            if per_edge
+            else x_node.new_zeros((tp.slot_dim(SLOT_W),))
+        )
+    targets = tuple(t for t in (SLOT_X1, SLOT_X2, SLOT_W, SLOT_OUT) if need[t])
+    if num_edges == 0 or not targets:
+        return tuple(r.zero_() for r in results.values())
+    # A deterministic reduction sums in sorted order: by sender for the x_node slot, by
+    # receiver for the output slot; when both are wanted they take one pass each.
+    passes = [(targets, None)]
+    if deterministic and need_x and need_g:
+        passes = [
+            (tuple(t for t in targets if t != SLOT_OUT), edge_src),
+            ((SLOT_OUT,), edge_dst),
+        ]
+    elif deterministic and (need_x or need_g):
+        passes = [(targets, edge_src if need_x else edge_dst)]
+    scratch = Scratch()
+    chunk = tp.chunk_size()
+    for pass_targets, sort_by in passes:
+        order = None if sort_by is None else torch.argsort(sort_by, stable=True)
+        for start in range(0, num_edges, chunk):
+            stop = min(start + chunk, num_edges)
+            rows = slice(start, stop) if order is None else order[start:stop]
+            src, dst = _take(edge_src, rows), _take(edge_dst, rows)
+            edge_w = _take(w, rows) if (w is not None and per_edge) else w
+            parts = tp.second_order(
+                pass_targets,
+                _gather(x_node, src, scratch, "x_node"),
+                _take(edge_attr, rows),
+                edge_w,
+                _gather(g, dst, scratch, "g"),
+                _gather(grad_x, src, scratch, "grad_x"),
+                None if grad_attr is None else _take(grad_attr, rows),
+                grad_w if (grad_w is None or not per_edge) else _take(grad_w, rows),
+                per_edge,
+                weighted_only,
+                scratch=scratch,
             )
-    return (None,) * 5 + tuple(total[:4]) + (None,) + tuple(total[4:]) + (None,) * 4
+            for target, part in zip(pass_targets, parts, strict=True):
+                if target == SLOT_X1:
+                    _reduce_into(results[target], src, part, deterministic)
+                elif target == SLOT_OUT:
+                    _reduce_into(results[target], dst, part, deterministic)
+                elif target == SLOT_W and not per_edge:
+                    results[target] += part
+                else:
+                    _store_rows(results[target], rows, part)
+    return tuple(results.values())
 
 
-conv_slot_pair.register_autograd(_pair_backward, setup_context=_pair_setup)
+@conv_grads_backward.register_fake
+def _conv_grads_backward_fake(
+    plan,
+    per_edge,
+    weighted_only,
+    deterministic,
+    x_node,
+    edge_attr,
+    w,
+    g,
+    grad_x,
+    grad_attr,
+    grad_w,
+    src,
+    dst,
+    num_src,
+    num_dst,
+    need_x,
+    need_attr,
+    need_w,
+    need_g,
+):
+    tp = _PLANS[plan]
+    num_edges = src.shape[0]
+    _check_slots(tp, (x_node, edge_attr, w, g), (num_src, num_edges, num_edges, num_dst))
+    _check_slots(tp, (grad_x, grad_attr, grad_w, None), (num_src, num_edges, num_edges, None))
+    out_x = x_node.new_empty((num_src, tp.slot_dim(SLOT_X1)) if need_x else (0,))
+    out_attr = x_node.new_empty((num_edges, tp.slot_dim(SLOT_X2)) if need_attr else (0,))
+    if need_w and w is not None:
+        out_w = x_node.new_empty(
+            (num_edges, tp.slot_dim(SLOT_W)) if per_edge else (tp.slot_dim(SLOT_W),)
+        )
+    else:
+        out_w = x_node.new_empty((0,))
+    out_g = x_node.new_empty((num_dst, tp.slot_dim(SLOT_OUT)) if need_g else (0,))
+    return out_x, out_attr, out_w, out_g
+
+
+def _grads_backward_setup(ctx, inputs, output) -> None:
+    plan, per_edge, weighted_only, deterministic = inputs[:4]
+    num_src, num_dst = inputs[13:15]
+    ctx.args = (plan, per_edge, weighted_only, deterministic, num_src, num_dst)
+    ctx.need = inputs[15:]
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs[4:13])
+
+
+def _grads_backward_backward(ctx, *grads):
+    """The third order: every output of :func:`conv_grads_backward` is a sum of
+    ``conv_slot`` terms, each differentiated like :func:`conv_slot` itself."""
+    plan, per_edge, weighted_only, deterministic, num_src, num_dst = ctx.args
+    x, attr, w, g, grad_x, grad_attr, grad_w, src, dst = ctx.saved_tensors
+    incoming = {SLOT_X1: grad_x, SLOT_X2: grad_attr, SLOT_W: grad_w}
+    needs = ctx.needs_input_grad
+    # input position of the base slots (x, attr, w, g) and of the incoming gradients
+    base_position, incoming_position = (4, 5, 6, 7), {SLOT_X1: 8, SLOT_X2: 9, SLOT_W: 10}
+    total: list[Tensor | None] = [None] * 19
+    common = (src, dst, num_src, num_dst)
+    for target, (grad, needed) in enumerate(zip(grads, ctx.need, strict=True)):
+        if grad is None or not needed:
+            continue
+        for source, d in incoming.items():
+            if d is None or source == target:
+                continue
+            slots = [x, attr, w, g]
+            slots[source] = d
+            slots[target] = grad
+            only = weighted_only or source == SLOT_W or target == SLOT_W
+            for slot in range(4):
+                position = incoming_position[source] if slot == source else base_position[slot]
+                if slot == target or slots[slot] is None or not needs[position]:
+                    continue
+                args = list(slots)
+                args[slot] = None
+                term = conv_slot(plan, slot, per_edge, only, deterministic, *args, *common)
+                total[position] = term if total[position] is None else total[position] + term
+    return tuple(total)
+
+
+conv_grads_backward.register_autograd(_grads_backward_backward, setup_context=_grads_backward_setup)

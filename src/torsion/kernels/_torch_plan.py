@@ -22,9 +22,17 @@ Two ways to evaluate a slot on a flat batch ``(B, dim)``:
   as ``(B, D1, m)`` (channels contiguous) gives every path's output, and a broadcast
   multiply by the per-path weights finishes it. The other slots are the transposed
   products (``M^T (g * w)``, ``(g * w) x1^T`` contracted with ``G^T``, and the row sums
-  of ``(M x1) * g``). No ``(u, v)`` outer product is formed.
+  of ``(M x1) * g``). No ``(u, v)`` outer product is formed. ``M`` is block-sparse
+  (in the MACE problem 115 of its 315 entries can be nonzero), but one dense ``bmm``
+  beats one ``bmm`` per nonzero block by 4-10x on the CPU (small-matrix ``bmm`` cost is
+  per matrix, not per flop), so the zeros stay.
 * the **general** plan, every other descriptor: one einsum per path and slot (``uvw``,
   ``uvu`` with any multiplicities, ``uuu``, weighted or not).
+
+The derivative of the first-order backward (force training) is one pass too
+(:meth:`TPPlan.second_order`): its terms share ``M(x2)``, ``M(dx2)``, the scaled output
+gradients and the products ``M(x2) dx1 + M(dx2) x1``, accumulated by ``baddbmm_``.
+Intermediates live in :class:`Scratch` buffers that the chunks of a pass reuse.
 
 Index tensors and coefficient tables are built once per descriptor and cached per
 ``(dtype, device)``; the layout conversion (``mul_ir`` <-> the channels-contiguous
@@ -46,7 +54,16 @@ from torch import Tensor
 from torsion.kernels._layout import join_blocks, split_blocks
 from torsion.reps import PathMode, TPDescriptor
 
-__all__ = ["SLOT_NAMES", "SLOT_OUT", "SLOT_W", "SLOT_X1", "SLOT_X2", "TPPlan", "plan_for"]
+__all__ = [
+    "SLOT_NAMES",
+    "SLOT_OUT",
+    "SLOT_W",
+    "SLOT_X1",
+    "SLOT_X2",
+    "Scratch",
+    "TPPlan",
+    "plan_for",
+]
 
 #: Slot indices, in argument order ``(x1, x2, w, g)``.
 SLOT_X1, SLOT_X2, SLOT_W, SLOT_OUT = 0, 1, 2, 3
@@ -275,6 +292,7 @@ class TPPlan:
         per_sample: bool,
         weighted_only: bool = False,
         out: Tensor | None = None,
+        scratch: Scratch | None = None,
     ) -> Tensor:
         """The ``target`` slot on one chunk of flat samples.
 
@@ -289,9 +307,10 @@ class TPPlan:
             weighted_only: leave out unweighted paths. The form is affine, not linear, in
                 the weights when some paths are unweighted, so a derivative taken through
                 the weight slot (where ``w`` is a direction, not weights) must drop them.
-
             out: a contiguous ``(B, slot_dim)`` tensor to write the result into (the
                 forward of a merged plan whose rows are the output writes it directly).
+            scratch: buffers reused from chunk to chunk; the result may then live in one
+                of them, valid until the next call with the same ``scratch``.
 
         Returns:
             ``(B, slot_dim)`` (``out`` when given); for ``SLOT_W`` with shared weights the
@@ -305,15 +324,14 @@ class TPPlan:
         if out is not None and target == SLOT_OUT and self._writes_output_directly():
             group, tab = self.groups[0], self._group_tensors(anchor.dtype, anchor.device)[0]
             y = out.view(batch, group.rows, group.mul)
-            x1g = x1[:, tab.x1_index].reshape(batch, group.cols, group.mul)
-            merged = (x2 @ tab.coefficients).view(batch, group.rows, group.cols)
-            torch.bmm(merged, x1g, out=y)
+            x1g = _columns(x1, tab.x1_index, scratch, "x1_0").view(batch, group.cols, group.mul)
+            torch.bmm(_merged_matrix(x2, tab, group, scratch, "m_0"), x1g, out=y)
             _scale_rows(y, y, w, group, tab, per_sample, weighted_only, batch)
             return out
         if self.groups is not None:
-            result = self._merged_slot(
-                target, x1, x2, w, g, per_sample, weighted_only, batch, anchor
-            )
+            result = self._merged_slots(
+                (target,), x1, x2, w, g, per_sample, weighted_only, anchor, scratch
+            )[0]
         else:
             result = self._general_slot(
                 target, x1, x2, w, g, per_sample, weighted_only, batch, anchor
@@ -338,6 +356,7 @@ class TPPlan:
         g: Tensor,
         per_sample: bool,
         weighted_only: bool = False,
+        scratch: Scratch | None = None,
     ) -> list[Tensor]:
         """Several input slots (``SLOT_X1``, ``SLOT_X2``, ``SLOT_W``) on one chunk at once:
         the first-order backward. The merged plan shares the gathered output gradient,
@@ -350,63 +369,148 @@ class TPPlan:
                 args[target] = None
                 results.append(self.slot(target, *args, per_sample, weighted_only))
             return results
-        batch = x1.shape[0]
-        return self._merged_slots(targets, x1, x2, w, g, per_sample, weighted_only, batch, x1)
+        return self._merged_slots(targets, x1, x2, w, g, per_sample, weighted_only, x1, scratch)
 
-    def _merged_slot(
-        self, target, x1, x2, w, g, per_sample, weighted_only, batch, anchor
-    ) -> Tensor:
-        return self._merged_slots(
-            (target,), x1, x2, w, g, per_sample, weighted_only, batch, anchor
-        )[0]
-
-    def _merged_slots(
-        self, targets, x1, x2, w, g, per_sample, weighted_only, batch, anchor
+    def second_order(
+        self,
+        targets: tuple[int, ...],
+        x1: Tensor,
+        x2: Tensor,
+        w: Tensor | None,
+        g: Tensor,
+        dx1: Tensor | None,
+        dx2: Tensor | None,
+        dw: Tensor | None,
+        per_sample: bool,
+        weighted_only: bool = False,
+        scratch: Scratch | None = None,
     ) -> list[Tensor]:
-        tables = self._group_tensors(anchor.dtype, anchor.device)
-        pieces = {t: [] for t in targets}
-        positions = {t: [] for t in targets}
-        for group, tab in zip(self.groups, tables, strict=True):
-            m = group.mul
-            # M[b] = (x2[b] @ G): every path's CG block contracted with x2, (B, R, D1).
-            merged = None
-            if x2 is not None:
-                merged = (x2 @ tab.coefficients).view(batch, group.rows, group.cols)
-            x1g = None
-            if x1 is not None:
-                x1g = x1[:, tab.x1_index].reshape(batch, group.cols, m)
-            grad_rows = scaled = None
-            if g is not None:
-                grad_rows = g[:, tab.out_index].reshape(batch, group.rows, m)
-            if SLOT_X1 in targets or SLOT_X2 in targets:
-                scaled = torch.empty_like(grad_rows)
-                _scale_rows(scaled, grad_rows, w, group, tab, per_sample, weighted_only, batch)
-            for target in targets:
-                if target == SLOT_OUT:
-                    y = torch.bmm(merged, x1g)
-                    _scale_rows(y, y, w, group, tab, per_sample, weighted_only, batch)
-                    pieces[target].append(y.reshape(batch, -1))
-                    positions[target].append(tab.out_index)
-                elif target == SLOT_X1:
-                    grad = torch.bmm(merged.transpose(1, 2), scaled).reshape(batch, -1)
-                    pieces[target].append(grad)
-                    positions[target].append(tab.x1_index)
-                elif target == SLOT_X2:
-                    outer = torch.bmm(scaled, x1g.transpose(1, 2)).reshape(batch, -1)
-                    pieces[target].append(outer @ tab.coefficients.T)
-                else:  # SLOT_W
-                    product = torch.bmm(merged, x1g).mul_(grad_rows)
-                    for segment, where in zip(group.segments, tab.weight_index, strict=True):
-                        if where is None:
-                            continue
-                        rows = product[:, segment.row_start : segment.row_stop]
-                        summed = rows.reshape(batch, segment.paths, segment.rows, m).sum(2)
-                        summed = summed.reshape(batch, -1)
-                        pieces[target].append(summed if per_sample else summed.sum(0))
-                        positions[target].append(where)
+        """The derivative of the first-order backward (:meth:`gradients`) on one chunk.
+
+        The backward's outputs are the ``x1``, ``x2`` and ``w`` slots; given incoming
+        gradients ``dx1``, ``dx2``, ``dw`` for them (``None``: no gradient), the derivative
+        in slot ``t`` is the sum, over the incoming ``d_s`` with ``s != t``, of slot ``t``
+        evaluated with ``d_s`` in place of input ``s`` (unweighted paths dropped when
+        ``s`` is the weight slot). The merged plan evaluates all of them in one pass,
+        sharing the per-sample matrices ``M(x2)``, ``M(dx2)``, the scaled output gradients
+        and the products (``M(x2) dx1 + M(dx2) x1`` feeds both the weight and the output
+        slot); every other plan adds the slot evaluations.
+
+        Args:
+            targets: the slots wanted, any of ``SLOT_X1``, ``SLOT_X2``, ``SLOT_W``,
+                ``SLOT_OUT``.
+            x1: ``(B, irreps_in1.dim)``, as in :meth:`slot`.
+            x2: ``(B, irreps_in2.dim)``.
+            w: weights ``(B, numel)`` or ``(numel,)``; ``None`` without weights.
+            g: ``(B, irreps_out.dim)``, the backward's output gradient.
+            dx1: incoming gradient shaped like ``x1``, or ``None``.
+            dx2: incoming gradient shaped like ``x2``, or ``None``.
+            dw: incoming gradient shaped like ``w``, or ``None``.
+            per_sample: whether the weights are per sample.
+            weighted_only: the backward's own ``weighted_only``.
+            scratch: buffers reused from chunk to chunk, as in :meth:`slot`.
+
+        Returns:
+            One tensor per target, shaped as :meth:`slot` returns it.
+        """
+        if self.groups is not None:
+            return self._merged_second_order(
+                targets, x1, x2, w, g, dx1, dx2, dw, per_sample, weighted_only, scratch
+            )
+        incoming = {SLOT_X1: dx1, SLOT_X2: dx2, SLOT_W: dw}
         results = []
         for target in targets:
-            if target == SLOT_X2:
+            total = None
+            for source, d in incoming.items():
+                if d is None or source == target:
+                    continue
+                args = [x1, x2, w, g]
+                args[source] = d
+                args[target] = None
+                only = weighted_only or source == SLOT_W
+                term = self.slot(target, *args, per_sample, only)
+                total = term if total is None else total + term
+            results.append(total if total is not None else self._zeros(target, x1, per_sample))
+        return results
+
+    def _zeros(self, target: int, anchor: Tensor, per_sample: bool) -> Tensor:
+        batched = per_sample or target != SLOT_W
+        dim = self.slot_dim(target)
+        return anchor.new_zeros((anchor.shape[0], dim) if batched else (dim,))
+
+    def _merged_second_order(
+        self, targets, x1, x2, w, g, dx1, dx2, dw, per_sample, weighted_only, scratch
+    ) -> list[Tensor]:
+        batch = x1.shape[0]
+        tables = self._group_tensors(x1.dtype, x1.device)
+        pieces = {t: [] for t in targets}
+        positions = {t: [] for t in targets}
+        for index, (group, tab) in enumerate(zip(self.groups, tables, strict=True)):
+            m, rows = group.mul, (batch, group.rows, group.mul)
+
+            def buffer(name: str, shape: tuple[int, ...], index: int = index) -> Tensor:
+                return _buffer(scratch, f"{name}_{index}", shape, x1)
+
+            def scaled(name: str, source: Tensor, scale: Tensor | None, only: bool) -> Tensor:
+                result = buffer(name, source.shape)
+                _scale_rows(result, source, scale, group, tab, per_sample, only, batch)  # noqa: B023
+                return result
+
+            shape1 = (batch, group.cols, m)
+            x1g = _columns(x1, tab.x1_index, scratch, f"x1_{index}").view(shape1)
+            dx1g = None
+            if dx1 is not None:
+                dx1g = _columns(dx1, tab.x1_index, scratch, f"dx1_{index}").view(shape1)
+            m_x2 = _merged_matrix(x2, tab, group, scratch, f"m_{index}")
+            m_dx2 = None
+            if dx2 is not None:
+                m_dx2 = _merged_matrix(dx2, tab, group, scratch, f"dm_{index}")
+            grad_rows = _columns(g, tab.out_index, scratch, f"g_{index}").view(rows)
+            # the output gradient scaled by the weights and by their incoming gradient
+            g_w = g_dw = None
+            if SLOT_X1 in targets or SLOT_X2 in targets:
+                g_w = scaled("g_w", grad_rows, w, weighted_only)
+                g_dw = None if dw is None else scaled("g_dw", grad_rows, dw, True)
+            # M(x2) dx1 + M(dx2) x1: the weight slot and (scaled by w) the output slot
+            mixed = None
+            if SLOT_W in targets or SLOT_OUT in targets:
+                mixed = _bmm_sum(((m_x2, dx1g), (m_dx2, x1g)), buffer("mixed", rows))
+            for target in targets:
+                if target == SLOT_X1:
+                    pairs = ((_transposed(m_dx2), g_w), (_transposed(m_x2), g_dw))
+                    piece = _bmm_sum(pairs, buffer("out_x1", shape1))
+                    pieces[target].append(_flat_or_zeros(piece, batch, group.cols * m, x1))
+                    positions[target].append(tab.x1_index)
+                elif target == SLOT_X2:
+                    pairs = ((g_w, _transposed(dx1g)), (g_dw, _transposed(x1g)))
+                    outer = _bmm_sum(pairs, buffer("outer", (batch, group.rows, group.cols)))
+                    if outer is None:
+                        pieces[target].append(x1.new_zeros((batch, self.slot_dim(SLOT_X2))))
+                    else:
+                        pieces[target].append(outer.view(batch, -1) @ tab.coefficients.T)
+                elif target == SLOT_W:
+                    if mixed is not None:
+                        product = torch.mul(mixed, grad_rows, out=buffer("product", rows))
+                        _weight_sums(product, group, tab, per_sample, pieces, positions, target)
+                else:  # SLOT_OUT
+                    total = None
+                    if mixed is not None:
+                        total = scaled("out", mixed, w, weighted_only)
+                    if dw is not None:
+                        forward = torch.bmm(m_x2, x1g, out=buffer("forward", rows))
+                        _scale_rows(forward, forward, dw, group, tab, per_sample, True, batch)
+                        total = forward if total is None else total.add_(forward)
+                    pieces[target].append(_flat_or_zeros(total, batch, group.rows * m, x1))
+                    positions[target].append(tab.out_index)
+        return self._assemble(targets, pieces, positions, per_sample, x1)
+
+    def _assemble(self, targets, pieces, positions, per_sample, anchor) -> list[Tensor]:
+        """Each target's result from its per-group pieces (the ``x2`` slot: their sum)."""
+        results = []
+        for target in targets:
+            if not pieces[target]:
+                results.append(self._zeros(target, anchor, per_sample))
+            elif target == SLOT_X2:
                 total = pieces[target][0]
                 for piece in pieces[target][1:]:
                     total = total + piece
@@ -417,6 +521,52 @@ class TPPlan:
                     _place(pieces[target], positions[target], self.slot_dim(target), batched)
                 )
         return results
+
+    def _merged_slots(
+        self, targets, x1, x2, w, g, per_sample, weighted_only, anchor, scratch
+    ) -> list[Tensor]:
+        batch = anchor.shape[0]
+        tables = self._group_tensors(anchor.dtype, anchor.device)
+        pieces = {t: [] for t in targets}
+        positions = {t: [] for t in targets}
+        for index, (group, tab) in enumerate(zip(self.groups, tables, strict=True)):
+            m, rows = group.mul, (batch, group.rows, group.mul)
+
+            def buffer(name: str, shape: tuple[int, ...], index: int = index) -> Tensor:
+                return _buffer(scratch, f"{name}_{index}", shape, anchor)
+
+            # M[b] = (x2[b] @ G): every path's CG block contracted with x2, (B, R, D1).
+            merged = None
+            if x2 is not None:
+                merged = _merged_matrix(x2, tab, group, scratch, f"m_{index}")
+            x1g = None
+            if x1 is not None:
+                x1g = _columns(x1, tab.x1_index, scratch, f"x1_{index}").view(batch, group.cols, m)
+            grad_rows = scaled = None
+            if g is not None:
+                grad_rows = _columns(g, tab.out_index, scratch, f"g_{index}").view(rows)
+            if SLOT_X1 in targets or SLOT_X2 in targets:
+                scaled = buffer("g_w", rows)
+                _scale_rows(scaled, grad_rows, w, group, tab, per_sample, weighted_only, batch)
+            for target in targets:
+                if target == SLOT_OUT:
+                    y = torch.bmm(merged, x1g, out=buffer("out", rows))
+                    _scale_rows(y, y, w, group, tab, per_sample, weighted_only, batch)
+                    pieces[target].append(y.view(batch, -1))
+                    positions[target].append(tab.out_index)
+                elif target == SLOT_X1:
+                    shape1 = (batch, group.cols, m)
+                    grad = torch.bmm(merged.transpose(1, 2), scaled, out=buffer("out_x1", shape1))
+                    pieces[target].append(grad.view(batch, -1))
+                    positions[target].append(tab.x1_index)
+                elif target == SLOT_X2:
+                    shape = (batch, group.rows, group.cols)
+                    outer = torch.bmm(scaled, x1g.transpose(1, 2), out=buffer("outer", shape))
+                    pieces[target].append(outer.view(batch, -1) @ tab.coefficients.T)
+                else:  # SLOT_W
+                    product = torch.bmm(merged, x1g, out=buffer("product", rows)).mul_(grad_rows)
+                    _weight_sums(product, group, tab, per_sample, pieces, positions, target)
+        return self._assemble(targets, pieces, positions, per_sample, anchor)
 
     def _general_slot(
         self, target, x1, x2, w, g, per_sample, weighted_only, batch, anchor
@@ -529,6 +679,90 @@ def _scale_rows(
             else scale.view(segment.paths, 1, m)
         )
         torch.mul(src, scale, out=out)
+
+
+def _bmm_sum(pairs: tuple[tuple[Tensor | None, Tensor | None], ...], out: Tensor) -> Tensor | None:
+    """``sum(a @ b)`` over the pairs whose factors are both given, accumulated in ``out``
+    (``bmm`` then in-place ``baddbmm_``); ``None`` when no pair is."""
+    total = None
+    for a, b in pairs:
+        if a is None or b is None:
+            continue
+        total = torch.bmm(a, b, out=out) if total is None else total.baddbmm_(a, b)
+    return total
+
+
+def _transposed(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.transpose(1, 2)
+
+
+def _flat_or_zeros(t: Tensor | None, batch: int, width: int, like: Tensor) -> Tensor:
+    return like.new_zeros((batch, width)) if t is None else t.reshape(batch, width)
+
+
+class Scratch:
+    """Named buffers that the chunks of one pass reuse.
+
+    A fresh multi-megabyte tensor per chunk costs more than the arithmetic done in it:
+    the allocator hands such blocks back to the system when they are freed, so every
+    chunk page-faults its intermediates anew (measured: the second-order pass of the
+    MACE problem 2.5x slower). One ``Scratch`` per op call keeps them: the first chunk
+    allocates, the others (and the smaller last one) write into the same memory. A
+    buffer is valid until it is asked for again by name.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A ``like``-typed tensor of ``shape`` (uninitialised) kept under ``name``."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+            buffer = like.new_empty((numel,))
+            self._buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+
+def _buffer(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return like.new_empty(shape) if scratch is None else scratch(name, shape, like)
+
+
+def _columns(t: Tensor, index: Tensor | slice, scratch: Scratch | None, name: str) -> Tensor:
+    """``t[:, index]``: a view for a slice, else gathered (into ``scratch`` when given)."""
+    if isinstance(index, slice):
+        return t[:, index]
+    return torch.index_select(t, 1, index, out=_buffer(scratch, name, (t.shape[0], len(index)), t))
+
+
+def _merged_matrix(
+    x2: Tensor, tab: _GroupTensors, group: _Group, scratch: Scratch | None, name: str
+) -> Tensor:
+    """``M[b] = x2[b] @ G``: every path's CG block contracted with ``x2``, ``(B, R, D1)``."""
+    shape = (x2.shape[0], group.rows * group.cols)
+    merged = torch.mm(x2, tab.coefficients, out=_buffer(scratch, name, shape, x2))
+    return merged.view(x2.shape[0], group.rows, group.cols)
+
+
+def _weight_sums(
+    product: Tensor,
+    group: _Group,
+    tab: _GroupTensors,
+    per_sample: bool,
+    pieces: dict[int, list[Tensor]],
+    positions: dict[int, list],
+    target: int,
+) -> None:
+    """The weight slot from ``product = (M x1) * g``, ``(B, R, m)``: each weighted path's
+    rows summed, appended to ``pieces[target]`` with their flat weight positions."""
+    batch, m = product.shape[0], group.mul
+    for segment, where in zip(group.segments, tab.weight_index, strict=True):
+        if where is None:
+            continue
+        rows = product[:, segment.row_start : segment.row_stop]
+        summed = rows.reshape(batch, segment.paths, segment.rows, m).sum(2).reshape(batch, -1)
+        pieces[target].append(summed if per_sample else summed.sum(0))
+        positions[target].append(where)
 
 
 def _place(pieces: list[Tensor], positions: list, dim: int, batched: bool) -> Tensor:

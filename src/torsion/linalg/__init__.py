@@ -8,9 +8,12 @@ The numerical core under the SPD manifolds, the SPD layers and the optimizers:
   backward that is finite and exact at repeated eigenvalues and supports double
   backward;
 * :func:`qr_unique`, :func:`polar` and :func:`cayley_retraction` orthonormalize for the
-  Stiefel and Grassmann manifolds.
+  Stiefel and Grassmann manifolds;
+* :func:`matrix_exp`, the general matrix exponential, accurate to rounding at every norm
+  (``torch.linalg.matrix_exp`` loses up to ``1e-10`` in float64 at small norms).
 """
 
+from torsion.linalg._expm import matrix_exp
 from torsion.linalg._orthonormal import cayley_retraction, polar, qr_unique
 from torsion.linalg._spectral import (
     sym_clampm,
@@ -24,6 +27,7 @@ from torsion.linalg._spectral import (
 
 __all__ = [
     "cayley_retraction",
+    "matrix_exp",
     "polar",
     "qr_unique",
     "sym_clampm",

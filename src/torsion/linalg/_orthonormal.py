@@ -96,6 +96,9 @@ def cayley_retraction(x: Tensor, u: Tensor) -> Tensor:
         True
     """
     _check_tall(x, "cayley_retraction")
+    if not isinstance(u, Tensor) or u.dtype != x.dtype:
+        got = u.dtype if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"cayley_retraction expects u with the dtype of x ({x.dtype}), got {got}")
     if u.shape[-2:] != x.shape[-2:]:
         raise ValueError(
             f"cayley_retraction expects u with the matrix shape of x {tuple(x.shape[-2:])}, "

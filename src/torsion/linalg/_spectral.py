@@ -335,6 +335,12 @@ def _validate(x: Tensor, name: str, check: bool) -> None:
             f"got shape {tuple(x.shape)}"
         )
     if check and x.numel() > 0:
+        finite = torch.isfinite(x).all(dim=(-2, -1))
+        if not bool(finite.all()):
+            raise ValueError(
+                f"{name} expects finite matrices; {int((~finite).sum())} of "
+                f"{finite.numel()} have NaN or infinite entries"
+            )
         asymmetry = (x - x.mT).abs().amax(dim=(-2, -1))
         scale = x.abs().amax(dim=(-2, -1))
         bad = asymmetry > symmetry_tolerance(x.dtype) * scale
@@ -459,7 +465,7 @@ def sym_funcm(
         d2f: its second derivative; needed only to differentiate twice (double backward,
             Hessian-vector products, forward-over-reverse). Without it, a second
             derivative raises ``RuntimeError``.
-        check: verify that ``x`` is symmetric (a host sync; off by default).
+        check: verify that ``x`` is finite and symmetric (a host sync; off by default).
 
     Returns:
         ``f(x)``, symmetric, with the shape of ``x``.

@@ -134,22 +134,39 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
         """Whether ``u`` is tangent at ``x``, at the dtype's validation tolerance, and why not."""
         raise NotImplementedError
 
-    def _validate(self, method: str, points: dict, vectors: dict | None = None) -> None:
+    def _validate(
+        self,
+        method: str,
+        points: dict,
+        vectors: dict | None = None,
+        *,
+        ambient: dict | None = None,
+    ) -> None:
         """Types, dtypes and matrix shapes always; values when ``self.check`` is set.
 
         Args:
             method: the public method's name, for the message.
             points: the point arguments by name; the first is the base point.
             vectors: the tangent-vector arguments by name.
+            ambient: arguments that may be any matrix of the ambient space (the input of
+                ``projx``): with ``check`` they only have to be finite.
         """
         where = f"{type(self).__name__}.{method}"
         matrix_shape = None
-        for name, value in {**points, **(vectors or {})}.items():
+        first_dtype = None
+        for name, value in {**(ambient or {}), **points, **(vectors or {})}.items():
             if not isinstance(value, Tensor):
                 raise TypeError(f"{where} expects `{name}` to be a torch.Tensor")
             if value.dtype not in (torch.float32, torch.float64):
                 raise TypeError(
                     f"{where} expects `{name}` in float32 or float64, got {value.dtype}"
+                )
+            if first_dtype is None:
+                first_dtype = (name, value.dtype)
+            elif value.dtype != first_dtype[1]:
+                raise TypeError(
+                    f"{where}: `{name}` has dtype {value.dtype} but `{first_dtype[0]}` has "
+                    f"{first_dtype[1]}"
                 )
             ok, reason = self._check_shape(value.shape, name)
             if not ok:
@@ -163,11 +180,14 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
                 )
         if not self.check:
             return
+        for name, value in (ambient or {}).items():
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where}: `{name}` has NaN or infinite entries")
         for name, value in points.items():
             ok, reason = self._point_reason(value, name)
             if not ok:
                 raise ValueError(f"{where} expects {self._point_description} `{name}`: {reason}")
-        x = next(iter(points.values()))
+        x = next(iter(points.values()), None)
         for name, value in (vectors or {}).items():
             ok, reason = self._vector_reason(x, value, name)
             if not ok:

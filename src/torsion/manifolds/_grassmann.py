@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from torsion.linalg import polar, qr_unique, sym_funcm
+from torsion.linalg import matrix_exp, polar, qr_unique, sym_funcm
 from torsion.manifolds._matrix import frobenius_inner, sym
 from torsion.manifolds._stiefel import (
     _block,
@@ -135,9 +135,12 @@ def _principal_angles_squared(sin2: Tensor, cos2: Tensor) -> Tensor:
 
 
 def _safe_sqrt(squared: Tensor) -> Tensor:
-    """``sqrt`` with derivative 0 (not infinity) at 0, where the distance has a kink."""
+    """``sqrt`` with derivative 0 (not infinity) at 0, where the distance has a kink.
+
+    A NaN stays NaN (``squared * 0``), so non-finite input never comes out as distance 0.
+    """
     positive = squared > 0
-    return torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
+    return torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), squared * 0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,17 +246,17 @@ class Grassmann(_OrthonormalFrames):
 
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         """Horizontal projection ``u - x x^T u``."""
-        self._validate("proju", {"x": x}, {"u": u})
+        self._validate("proju", {"x": x}, ambient={"u": u})
         return u - x @ (x.mT @ u)
 
     def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
         """Horizontal projection of the Euclidean gradient."""
-        self._validate("egrad2rgrad", {"x": x}, {"u": u})
+        self._validate("egrad2rgrad", {"x": x}, ambient={"u": u})
         return u - x @ (x.mT @ u)
 
     def projx(self, x: Tensor) -> Tensor:
         """Closest orthonormal representative: the polar factor ``x (x^T x)^(-1/2)``."""
-        self._validate("projx", {"x": x})
+        self._validate("projx", {}, ambient={"x": x})
         return polar(x)
 
     # -- retraction, exponential, logarithm, distance ---------------------------------------
@@ -272,7 +275,7 @@ class Grassmann(_OrthonormalFrames):
         x, u = torch.broadcast_tensors(x, u)
         p = x.shape[-1]
         normal, block, _ = _geodesic_frame(x, u, 0.0)
-        e = torch.linalg.matrix_exp(block)[..., :p]
+        e = matrix_exp(block)[..., :p]
         return x @ e[..., :p, :] + normal @ e[..., p:, :]
 
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
@@ -303,6 +306,10 @@ class Grassmann(_OrthonormalFrames):
         sin2 = torch.linalg.eigvalsh(sym(w.mT @ w))
         cos2 = torch.linalg.eigvalsh(sym(xty.mT @ xty)).flip(-1)
         distance = _safe_sqrt(_principal_angles_squared(sin2, cos2).sum(dim=-1))
+        # eigvalsh of an infinite matrix can return finite angles: report NaN, never a
+        # distance, for non-finite input (no host sync)
+        finite = torch.isfinite(x).all(dim=(-2, -1)) & torch.isfinite(y).all(dim=(-2, -1))
+        distance = torch.where(finite, distance, float("nan"))
         return distance[..., None, None] if keepdim else distance
 
     def dist2(self, x: Tensor, y: Tensor, *, keepdim: bool = False) -> Tensor:
@@ -326,7 +333,7 @@ class Grassmann(_OrthonormalFrames):
         normal, block, _ = _geodesic_frame(x, delta, 0.0)
         eye = _eye(2 * p, block).expand_as(block)
         augmented = _block(block, eye, torch.zeros_like(block), torch.zeros_like(block))
-        e = torch.linalg.matrix_exp(augmented)
+        e = matrix_exp(augmented)
         endpoint = e[..., : 2 * p, :p]
         phi = e[..., : 2 * p, 2 * p : 3 * p]
         coefficient = -(delta.mT @ v)
@@ -339,7 +346,7 @@ class Grassmann(_OrthonormalFrames):
 
     def ehess2rhess(self, x: Tensor, egrad: Tensor, ehess: Tensor, u: Tensor) -> Tensor:
         """``proju(x, ehess) - u sym(x^T egrad)`` (Absil, Mahony & Sepulchre 2008)."""
-        self._validate("ehess2rhess", {"x": x}, {"egrad": egrad, "ehess": ehess, "u": u})
+        self._validate("ehess2rhess", {"x": x}, {"u": u}, ambient={"egrad": egrad, "ehess": ehess})
         return ehess - x @ (x.mT @ ehess) - u @ sym(x.mT @ egrad)
 
     # -- sampling ----------------------------------------------------------------------------

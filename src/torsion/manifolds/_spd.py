@@ -281,9 +281,7 @@ class _SPD(Manifold):
         positivity check. Idempotent up to rounding. Uses
         :func:`torsion.linalg.sym_clampm` (derivative one above the floor, zero below).
         """
-        ok, reason = self._check_shape(x.shape, "x")
-        if not ok:
-            raise ValueError(f"{type(self).__name__}.projx: {reason}")
+        self._validate("projx", {}, ambient={"x": x})
         y = sym(x)
         relative_floor = _PROJX_FLOOR_RESOLUTIONS * eigenvalue_floor(x.dtype)
         tiny = torch.finfo(x.dtype).tiny / relative_floor
@@ -452,7 +450,7 @@ class SPDAffineInvariant(_SPD):
         return _frobenius_norm(_whiten(_cholesky(x), u), keepdim)
 
     def egrad2rgrad(self, x, u):
-        self._validate("egrad2rgrad", {"x": x}, {})
+        self._validate("egrad2rgrad", {"x": x}, ambient={"u": u})
         return sym(x @ sym(u) @ x)
 
     def retr(self, x, u):
@@ -645,7 +643,7 @@ class SPDLogEuclidean(_SPD):
         return _frobenius_norm(a, keepdim)
 
     def egrad2rgrad(self, x, u):
-        self._validate("egrad2rgrad", {"x": x}, {})
+        self._validate("egrad2rgrad", {"x": x}, ambient={"u": u})
         x, u = _broadcast(x, u)
         _, dexp = _vjp(sym_expm, sym_logm(x))
         return dexp(dexp(sym(u)))
@@ -793,7 +791,7 @@ class SPDLogCholesky(_SPD):
         return _frobenius_norm(self._chart_tangent(_cholesky(x), u), keepdim)
 
     def egrad2rgrad(self, x, u):
-        self._validate("egrad2rgrad", {"x": x}, {})
+        self._validate("egrad2rgrad", {"x": x}, ambient={"u": u})
         chol = _cholesky(x)
         p = 2 * sym(u) @ chol
         dchol = _lower_with_diagonal(p, _diag(chol) ** 2 * _diag(p))
@@ -944,7 +942,7 @@ class SPDBuresWasserstein(_SPD):
         return 0.5 * frobenius_inner(solution, sym(u) if v is None else sym(v), keepdim)
 
     def egrad2rgrad(self, x, u):
-        self._validate("egrad2rgrad", {"x": x}, {})
+        self._validate("egrad2rgrad", {"x": x}, ambient={"u": u})
         product = x @ sym(u)
         return 2 * (product + product.mT)
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from torsion.linalg import cayley_retraction, polar, qr_unique
+from torsion.linalg import cayley_retraction, matrix_exp, polar, qr_unique
 from torsion.manifolds._base import Manifold
 from torsion.manifolds._matrix import frobenius_inner, sym
 
@@ -123,11 +123,15 @@ def _haar_frames(owner: str, size: tuple[int, ...], dtype, device, generator) ->
         raise ValueError(f"{owner}.random supports float32 and float64, not {dtype}")
     draw_device = generator.device if generator is not None else device
     gaussian = torch.randn(size, dtype=torch.float64, device=draw_device, generator=generator)
-    return qr_unique(gaussian)[0].to(dtype=dtype, device=device)
+    # QR returns column-major factors; parameters get row-major strides like every fresh
+    # tensor (a clone, since .contiguous() keeps the strides of (n, 1) frames).
+    frame = qr_unique(gaussian)[0].to(dtype=dtype, device=device)
+    return frame.clone(memory_format=torch.contiguous_format)
 
 
 def _check_point_reason(x: Tensor, *, atol: float, rtol: float, name: str = "x"):
     """Readable reason why ``x`` does not have orthonormal columns (or ``None``)."""
+    x = x.detach()  # a check, not part of any graph (and no warning on a parameter)
     if not bool(torch.isfinite(x).all()):
         return False, f"`{name}` has NaN or infinite entries"
     if x.numel() == 0:
@@ -174,9 +178,9 @@ def _stiefel_exp(x: Tensor, u: Tensor, canonical: bool) -> Tensor:
     x, u = torch.broadcast_tensors(x, u)
     p = x.shape[-1]
     normal, block, a = _geodesic_frame(x, u, 1.0 if canonical else 2.0)
-    e = torch.linalg.matrix_exp(block)[..., :p]
+    e = matrix_exp(block)[..., :p]
     y = x @ e[..., :p, :] + normal @ e[..., p:, :]
-    return y if canonical else y @ torch.linalg.matrix_exp(-a)
+    return y if canonical else y @ matrix_exp(-a)
 
 
 def _stiefel_exp_velocity(x: Tensor, u: Tensor, canonical: bool) -> Tensor:
@@ -184,13 +188,13 @@ def _stiefel_exp_velocity(x: Tensor, u: Tensor, canonical: bool) -> Tensor:
     x, u = torch.broadcast_tensors(x, u)
     p = x.shape[-1]
     normal, block, a = _geodesic_frame(x, u, 1.0 if canonical else 2.0)
-    e = torch.linalg.matrix_exp(block)[..., :p]
+    e = matrix_exp(block)[..., :p]
     de = block @ e
     velocity = x @ de[..., :p, :] + normal @ de[..., p:, :]
     if canonical:
         return velocity
     y = x @ e[..., :p, :] + normal @ e[..., p:, :]
-    rotation = torch.linalg.matrix_exp(-a)
+    rotation = matrix_exp(-a)
     return (velocity - y @ a) @ rotation
 
 
@@ -300,7 +304,7 @@ def _canonical_log_reduced(
             break
         b = log[..., p:, :p]
         step = _sylvester_negative(b @ b.mT / 12.0 - 0.5 * eye, lower)
-        completion = completion @ torch.linalg.matrix_exp(_skew(step))
+        completion = completion @ matrix_exp(_skew(step))
     return _skew(log[..., :p, :p]), log[..., p:, :p], residual, converged
 
 
@@ -308,8 +312,8 @@ def _euclidean_endpoint(a: Tensor, b: Tensor) -> Tensor:
     """``expm([[2A, -B^T], [B, 0]])[:, :p] expm(-A)``: the Euclidean geodesic endpoint."""
     p, r = a.shape[-1], b.shape[-2]
     zeros = a.new_zeros((*a.shape[:-2], r, r))
-    e = torch.linalg.matrix_exp(_block(2.0 * a, -b.mT, b, zeros))[..., :p]
-    return e @ torch.linalg.matrix_exp(-a)
+    e = matrix_exp(_block(2.0 * a, -b.mT, b, zeros))[..., :p]
+    return e @ matrix_exp(-a)
 
 
 def _conjugate_gradient(
@@ -438,6 +442,10 @@ def _stiefel_log(
     """``(logmap(x, y), dist(x, y))`` in float64 (detached); warns where not converged."""
     with torch.no_grad():
         x64, y64 = (t.detach().to(torch.float64) for t in torch.broadcast_tensors(x, y))
+        # the shooting iteration would run to max_iter on non-finite input (seconds per
+        # call); this path synchronises anyway, so say what is wrong instead
+        if not bool(torch.isfinite(x64).all() & torch.isfinite(y64).all()):
+            raise ValueError("Stiefel.logmap: `x` or `y` has NaN or infinite entries")
         n, p = x64.shape[-2:]
         q, yhat = _reduced_coordinates(x64, y64)
         yhat = _polar_svd(yhat)
@@ -731,19 +739,19 @@ class Stiefel(_OrthonormalFrames):
 
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         """``u - x sym(x^T u)``: the orthogonal projection onto the tangent space."""
-        self._validate("proju", {"x": x}, {"u": u})
+        self._validate("proju", {"x": x}, ambient={"u": u})
         return u - x @ sym(x.mT @ u)
 
     def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
         """``proju(x, u)`` (Euclidean) or ``u - x u^T x`` (canonical)."""
-        self._validate("egrad2rgrad", {"x": x}, {"u": u})
+        self._validate("egrad2rgrad", {"x": x}, ambient={"u": u})
         if self.canonical:
             return u - x @ (u.mT @ x)
         return u - x @ sym(x.mT @ u)
 
     def projx(self, x: Tensor) -> Tensor:
         """Closest point: the orthogonal polar factor ``x (x^T x)^(-1/2)``."""
-        self._validate("projx", {"x": x})
+        self._validate("projx", {}, ambient={"x": x})
         return polar(x)
 
     # -- retraction, exponential, logarithm -----------------------------------------------
@@ -821,7 +829,7 @@ class Stiefel(_OrthonormalFrames):
         - tr((x^T G + G^T x) u^T (I - x x^T) v) / 2``, turned into a tangent vector by the
         canonical Riesz map ``E -> E - x E^T x``.
         """
-        self._validate("ehess2rhess", {"x": x}, {"egrad": egrad, "ehess": ehess, "u": u})
+        self._validate("ehess2rhess", {"x": x}, {"u": u}, ambient={"egrad": egrad, "ehess": ehess})
         if not self.canonical:
             w = ehess - u @ sym(x.mT @ egrad)
             return w - x @ sym(x.mT @ w)

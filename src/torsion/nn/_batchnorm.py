@@ -148,6 +148,11 @@ class SPDBatchNorm(nn.Module):
             raise ValueError(
                 f"SPDBatchNorm({self.n}) expects a batch (..., {self.n}, {self.n}), got {got}"
             )
+        if self.training and x.numel() == 0:
+            raise ValueError(
+                f"SPDBatchNorm({self.n}) needs at least one matrix in training mode to "
+                f"estimate the batch statistics, got an empty batch of shape {tuple(x.shape)}"
+            )
         if self.metric == "airm":
             return self._affine_invariant(x)
         return self._lie_chart(x)

@@ -24,6 +24,18 @@ def _weighted_mean(values: Tensor, weight: Tensor, index: Tensor, num_nodes: int
     return total / mass.clamp_min(torch.finfo(values.dtype).tiny)[:, None, None]
 
 
+def _check_edge_range(edge_index: Tensor, num_nodes: int, error: Exception) -> None:
+    """Raise a clear ``IndexError`` (from ``error``) if ``edge_index`` leaves ``[0, N)``."""
+    if edge_index.numel() == 0:
+        return
+    low, high = int(edge_index.min()), int(edge_index.max())
+    if low < 0 or high >= num_nodes:
+        raise IndexError(
+            f"SPDConv: edge_index has entries outside [0, {num_nodes}) for {num_nodes} nodes "
+            f"(smallest {low}, largest {high})"
+        ) from error
+
+
 class SPDConv(MessagePassing):
     """Graph convolution of ``n x n`` SPD node features to ``m x m`` SPD node features.
 
@@ -91,7 +103,12 @@ class SPDConv(MessagePassing):
                 f"got {tuple(edge_weight.shape)}"
             )
         root = self.root_map(x)
-        mean_log, reached = self.propagate(edge_index, x=x, edge_weight=edge_weight)
+        try:
+            mean_log, reached = self.propagate(edge_index, x=x, edge_weight=edge_weight)
+        except (IndexError, RuntimeError) as error:
+            # checked only on failure, so the happy path has no host synchronisation
+            _check_edge_range(edge_index, x.shape[0], error)
+            raise
         t = self.step.clamp(0, 1)
         if self.aggregation == "log_euclidean":
             combined = sym_expm((1 - t) * sym_logm(root) + t * mean_log)

@@ -99,6 +99,8 @@ class BiMap(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_square(x, self.in_size, "BiMap")
         w = self.weight
+        if x.dtype != w.dtype:
+            raise TypeError(f"BiMap has {w.dtype} weights but got {x.dtype} input")
         if not self._channels:
             w = w[0, 0]
             return w.mT @ x @ w

@@ -157,7 +157,13 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
             if euclidean:
                 self._update_euclidean(group, euclidean)
             for batch in batches:
-                self._update_batch(group, batch)
+                try:
+                    self._update_batch(group, batch)
+                except torch.linalg.LinAlgError as error:
+                    # checked only on failure (no host sync in a normal step): a NaN or Inf
+                    # gradient makes eigh fail with a message that does not say so
+                    _raise_on_non_finite_gradients(type(self).__name__, batch.params, error)
+                    raise
             group["step"] += 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self._stabilize_group(group)
@@ -191,6 +197,16 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
                 at = points if len(held) == len(batch.params) else points[held]
                 momenta = [self.state[batch.params[i]][key] for i in held]
                 write_back(momenta, batch.manifold.proju(at, stack(momenta)))
+
+
+def _raise_on_non_finite_gradients(owner: str, params: list[Tensor], error: Exception) -> None:
+    """Raise a ``ValueError`` (from ``error``) naming the parameters with non-finite grads."""
+    bad = [tuple(p.shape) for p in params if not bool(torch.isfinite(p.grad).all())]
+    if bad:
+        raise ValueError(
+            f"{owner}.step: {len(bad)} of {len(params)} batched manifold parameters have NaN "
+            f"or infinite gradients (shapes {bad}); the step's decomposition failed on them"
+        ) from error
 
 
 def retr_transp_direction(

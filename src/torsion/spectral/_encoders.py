@@ -649,7 +649,7 @@ class BasisNet(nn.Module):
         lo, hi = vals[:, :-1], vals[:, 1:]
         scale = torch.maximum(torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo))
         new = (hi - lo > tol * scale) | ~present[:, 1:]
-        new = torch.cat([torch.ones_like(new[:, :1]), new], dim=1)
+        new = torch.cat([torch.ones_like(present[:, :1]), new], dim=1)  # k = 1 included
         group = torch.cumsum(new.long(), dim=1)
         both = present.unsqueeze(-1) & present.unsqueeze(-2)
         same = (group.unsqueeze(-1) == group.unsqueeze(-2)) & both
