@@ -294,7 +294,7 @@ def test_conv_matches_reference(name, shared, layout, num_edges, reduction, gene
     _assert_close(torch_conv(*permuted, reduction=reduction), out, F64)
 
 
-@pytest.mark.parametrize("reduction", ["sorted", "index_add"])
+@pytest.mark.parametrize("reduction", ["sorted", "scatter"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_edge", "shared"])
 @pytest.mark.parametrize("name", ["small_mixed", "merged_shared_outputs"])
 def test_conv_derivatives_in_chunks_with_int32_indices(
@@ -327,13 +327,13 @@ THIRD_ORDER_CASES = [
         (name, shared, reduction, wrt)
         for name in ("merged", "merged_shared_outputs")
         for shared in (False, True)
-        for reduction in ("sorted", "index_add")
+        for reduction in ("sorted", "scatter")
         for wrt in ("all", "attr")
     ),
     *(("mixed", shared, "sorted", "all") for shared in (False, True)),
-    ("mixed", False, "index_add", "attr"),
-    *(("merged_unweighted", False, reduction, "all") for reduction in ("sorted", "index_add")),
-    ("merged_unweighted", False, "index_add", "attr"),
+    ("mixed", False, "scatter", "attr"),
+    *(("merged_unweighted", False, reduction, "all") for reduction in ("sorted", "scatter")),
+    ("merged_unweighted", False, "scatter", "attr"),
 ]
 
 

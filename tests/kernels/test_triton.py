@@ -21,12 +21,12 @@ from triton.runtime.interpreter import InterpretedFunction
 from tests.kernels.test_reference import _default_float64
 from torsion import kernels
 from torsion.kernels import (
+    REDUCTIONS,
     UnsupportedBackendError,
     reference_conv,
     reference_tensor_product,
 )
 from torsion.kernels.triton import (
-    REDUCTIONS,
     TritonBackend,
     _codegen,
     cache_dir,
@@ -145,12 +145,12 @@ def test_conv_double_backward_against_reference(generator, reduction):
 
 
 def test_conv_double_backward_float32(generator):
-    _check_conv(_small("mul_ir"), generator, F32, "atomic", 5, 9, double_backward=True)
+    _check_conv(_small("mul_ir"), generator, F32, "scatter", 5, 9, double_backward=True)
 
 
 @pytest.mark.parametrize("layout", ["ir_mul", "mul_ir"])
 def test_conv_up_to_l2_both_layouts(generator, layout):
-    reduction = "deterministic" if layout == "ir_mul" else "atomic"
+    reduction = "sorted" if layout == "ir_mul" else "scatter"
     _check_conv(_l2(layout), generator, F64, reduction, num_nodes=5, num_edges=11)
     _check_conv(_l2(layout), generator, F32, reduction, 4, 9, double_backward=True)
 
@@ -172,15 +172,15 @@ def test_descriptor_without_paths_gives_zeros(generator):
 
 
 def test_conv_shared_weights_and_unweighted_paths(generator):
-    _check_conv(_small(), generator, F64, "deterministic", 5, 12, shared_weight=True)
-    _check_conv(_small(weighted=False), generator, F64, "atomic", 5, 12)
+    _check_conv(_small(), generator, F64, "sorted", 5, 12, shared_weight=True)
+    _check_conv(_small(weighted=False), generator, F64, "scatter", 5, 12)
 
 
 def test_conv_int32_indices_and_no_receivers(generator):
     d = _small()
     x, a, w = _inputs(d, generator, 4, 6, F64)
     src, dst = _graph(generator, 4, 6)
-    out = triton_conv(d, x, a, w, src.int(), dst.int(), 4, reduction="atomic")
+    out = triton_conv(d, x, a, w, src.int(), dst.int(), 4, reduction="scatter")
     _assert_close(out, reference_conv(d, x, a, w, src, dst, 4), F64)
     empty = triton_conv(d, x, a[:0], w[:0], src[:0], dst[:0], 0)
     assert empty.shape == (0, d.irreps_out.dim)
@@ -353,12 +353,12 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(monkeypatch, tmp_pa
 
 def test_backend_registers_and_runs_through_conv(generator):
     d = _small()
-    backend = register_triton_backend("atomic", replace=True)
+    backend = register_triton_backend("scatter", replace=True)
     try:
-        assert isinstance(backend, TritonBackend) and backend.reduction == "atomic"
-        assert register_triton_backend("atomic") is backend
+        assert isinstance(backend, TritonBackend) and backend.reduction == "scatter"
+        assert register_triton_backend("scatter") is backend
         with pytest.raises(ValueError, match="already registered"):
-            register_triton_backend("deterministic")
+            register_triton_backend("sorted")
         chosen = kernels.resolve(d, "cpu", F64, "conv", "triton", derivative_order=2)
         assert chosen is backend
         x, a, w = _inputs(d, generator, 4, 7, F64)
@@ -383,10 +383,10 @@ def test_errors_name_the_problem(generator, monkeypatch):
     d = _small()
     x, a, w = _inputs(d, generator, 3, 4, F64)
     src, dst = _graph(generator, 3, 4)
-    with pytest.raises(ValueError, match="reduction"):
-        triton_conv(d, x, a, w, src, dst, 3, reduction="sorted")
-    with pytest.raises(ValueError, match="reduction"):
-        TritonBackend("sorted")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        triton_conv(d, x, a, w, src, dst, 3, reduction="deterministic")  # the old name
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        TritonBackend("atomic")
     with pytest.raises(UnsupportedBackendError, match="mode 'uvw'"):
         uvw = TPDescriptor.fully_connected("2x0e", "0e", "2x0e")
         triton_tensor_product(uvw, x.new_zeros(2), x.new_zeros(1), x.new_zeros(4))
@@ -436,7 +436,7 @@ def test_compiled_kernels_on_cuda_large_graph(dtype, monkeypatch):
     first = triton_conv(d, x, a, w, src, dst, num_nodes)
     second = triton_conv(d, x, a, w, src, dst, num_nodes)
     assert torch.equal(first, second)
-    atomic = triton_conv(d, x, a, w, src, dst, num_nodes, reduction="atomic")
+    atomic = triton_conv(d, x, a, w, src, dst, num_nodes, reduction="scatter")
     tolerance = 1e-9 if dtype == F64 else 1e-3
     torch.testing.assert_close(first, expected, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(atomic, expected, rtol=tolerance, atol=tolerance)

@@ -23,6 +23,7 @@
 * :func:`convert_layout` between the ``mul_ir`` and ``ir_mul`` tensor layouts.
 """
 
+from torsion.kernels._checks import REDUCTIONS
 from torsion.kernels._dispatch import conv, tensor_product
 from torsion.kernels._layout import convert_layout
 from torsion.kernels._reference import ReferenceBackend, reference_conv, reference_tensor_product
@@ -39,7 +40,7 @@ from torsion.kernels._registry import (
     resolve,
     unregister_backend,
 )
-from torsion.kernels._torch import REDUCTIONS, TorchBackend, torch_conv, torch_tensor_product
+from torsion.kernels._torch import TorchBackend, torch_conv, torch_tensor_product
 
 register_backend(ReferenceBackend())
 register_backend(TorchBackend())

@@ -8,7 +8,7 @@ reads values (one host sync) and is meant for the reference backend and for opt-
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from e3nn import o3
@@ -18,11 +18,29 @@ from torsion._dtypes import check_floating
 from torsion.reps import TPDescriptor
 
 __all__ = [
+    "REDUCTIONS",
+    "Reduction",
     "check_conv_inputs",
     "check_descriptor",
     "check_edge_indices_in_range",
+    "check_reduction",
     "check_tensor_product_inputs",
 ]
+
+#: How every backend's message passing sums messages into receivers: ``"sorted"``
+#: (receiver-sorted segment sums, bitwise reproducible on every device), ``"scatter"``
+#: (scatter-add in edge order: ``index_add_`` in torch, ``tl.atomic_add`` in Triton;
+#: deterministic on a CPU, not bitwise reproducible on a GPU) or ``"auto"`` (the
+#: backend's choice, documented with it).
+Reduction = Literal["auto", "sorted", "scatter"]
+REDUCTIONS: tuple[str, ...] = ("auto", "sorted", "scatter")
+
+
+def check_reduction(reduction: object) -> None:
+    """Raise a ``ValueError`` unless ``reduction`` is one of :data:`REDUCTIONS`."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 

@@ -14,7 +14,7 @@ How it is fast (details in :mod:`torsion.kernels._torch_plan`):
   buffers are reused from chunk to chunk instead of allocated (and page-faulted) anew;
 * message passing (:func:`torch_conv`) is fused: per chunk of edges, gather the senders,
   evaluate, and scatter-sum into the receivers, either with ``index_add_``
-  (``reduction="index_add"``; atomic, so not bitwise reproducible, on CUDA) or with a
+  (``reduction="scatter"``; atomic, so not bitwise reproducible, on CUDA) or with a
   receiver-sorted segment reduction (``reduction="sorted"``, deterministic on every
   device); ``"auto"`` (default) takes ``index_add_`` on CPU, where it is deterministic.
 
@@ -50,14 +50,14 @@ is backpropagated. The recipe:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from torsion.kernels._checks import (
+    Reduction,
     check_conv_inputs,
     check_edge_indices_in_range,
+    check_reduction,
     check_tensor_product_inputs,
 )
 from torsion.kernels._registry import Backend, BackendSupport
@@ -65,11 +65,9 @@ from torsion.kernels._torch_ops import conv_slot, plan_handle, tp_slot
 from torsion.kernels._torch_plan import SLOT_OUT
 from torsion.reps import LAYOUTS, TPDescriptor
 
-__all__ = ["REDUCTIONS", "TorchBackend", "torch_conv", "torch_tensor_product"]
+__all__ = ["TorchBackend", "torch_conv", "torch_tensor_product"]
 
-Reduction = Literal["auto", "sorted", "index_add"]
 #: Scatter-sum strategies of :func:`torch_conv`.
-REDUCTIONS: tuple[str, ...] = ("auto", "sorted", "index_add")
 
 
 def torch_tensor_product(
@@ -116,11 +114,6 @@ def torch_tensor_product(
     return out.reshape(*batch, out.shape[-1])
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
 def torch_conv(
     descriptor: TPDescriptor,
     x_node: Tensor,
@@ -153,9 +146,9 @@ def torch_conv(
         reduction: how messages are summed into receivers. ``"sorted"``: edges are sorted
             by receiver (by sender for the ``x_node`` gradient) and each receiver's messages
             summed by a segment reduction, then added once, so results are bitwise
-            reproducible on every device; ``"index_add"``: ``index_add_`` in edge order
+            reproducible on every device; ``"scatter"``: ``index_add_`` in edge order
             (deterministic on CPU, atomic and so not bitwise reproducible on CUDA);
-            ``"auto"`` (default): ``"index_add"`` on CPU (faster, and already
+            ``"auto"`` (default): ``"scatter"`` on CPU (faster, and already
             deterministic there), ``"sorted"`` elsewhere.
 
     Returns:
@@ -169,7 +162,7 @@ def torch_conv(
         ``x_node``: ``(N, irreps_in1.dim)``, ``edge_attr``: ``(E, irreps_in2.dim)``,
         ``edge_src``, ``edge_dst``: ``(E,)``; output ``(num_nodes, irreps_out.dim)``.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if not torch.compiler.is_compiling():
         num_nodes = check_conv_inputs(
             descriptor, x_node, edge_attr, edge_weight, edge_src, edge_dst, num_nodes
@@ -202,7 +195,7 @@ class TorchBackend(Backend):
 
     Args:
         reduction: how :meth:`conv` scatter-sums messages: ``"auto"`` (default),
-            ``"sorted"`` or ``"index_add"`` (see :func:`torch_conv`).
+            ``"sorted"`` or ``"scatter"`` (see :func:`torch_conv`).
 
     Raises:
         ValueError: for an unknown ``reduction``.
@@ -219,7 +212,7 @@ class TorchBackend(Backend):
     )
 
     def __init__(self, reduction: Reduction = "auto") -> None:
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.reduction = reduction
 
     def tensor_product(

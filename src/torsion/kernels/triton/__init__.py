@@ -1,9 +1,9 @@
 """Triton kernels for the channelwise tensor product and fused message passing.
 
 * :func:`triton_conv`: gather -> tensor product -> scatter-sum in one kernel, with a
-  ``"deterministic"`` (receiver-sorted CSR) or ``"atomic"`` reduction
-  (:data:`REDUCTIONS`), differentiable to any order (every derivative is another fused
-  kernel);
+  ``"sorted"`` (receiver-sorted CSR) or ``"scatter"`` (atomic) reduction (the vocabulary
+  of every backend, :data:`torsion.kernels.REDUCTIONS`), differentiable to any order
+  (every derivative is another fused kernel);
 * :func:`triton_tensor_product`: the tensor product itself, on the same kernels;
 * :class:`TritonBackend` and :func:`register_triton_backend`: the ``triton`` registry
   backend (not registered by :mod:`torsion.kernels` at import);
@@ -20,10 +20,9 @@ without triton installed: triton is imported when kernels are first loaded.
 
 from torsion.kernels.triton._backend import TritonBackend, register_triton_backend
 from torsion.kernels.triton._codegen import cache_dir, generate_source, kernel_source_path
-from torsion.kernels.triton._ops import REDUCTIONS, triton_conv, triton_tensor_product
+from torsion.kernels.triton._ops import triton_conv, triton_tensor_product
 
 __all__ = [
-    "REDUCTIONS",
     "TritonBackend",
     "cache_dir",
     "generate_source",

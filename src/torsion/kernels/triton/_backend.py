@@ -7,9 +7,10 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from torsion.kernels._checks import Reduction, check_reduction
 from torsion.kernels._registry import Backend, BackendSupport, get_backend, register_backend
 from torsion.kernels.triton._codegen import interpreter_enabled, unsupported_descriptor_reason
-from torsion.kernels.triton._ops import REDUCTIONS, triton_conv, triton_tensor_product
+from torsion.kernels.triton._ops import triton_conv, triton_tensor_product
 from torsion.reps import LAYOUTS, TPDescriptor
 
 __all__ = ["TritonBackend", "register_triton_backend"]
@@ -24,8 +25,8 @@ class TritonBackend(Backend):
     CPU tensors (Triton's interpreter; slow, for tests). See :func:`triton_conv`.
 
     Args:
-        reduction: the scatter-sum of :meth:`conv`, ``"deterministic"`` (default) or
-            ``"atomic"`` (see :data:`REDUCTIONS`).
+        reduction: the scatter-sum of :meth:`conv`, ``"auto"`` (default, ``"sorted"``),
+            ``"sorted"`` or ``"scatter"`` (see :func:`triton_conv`).
 
     Raises:
         ValueError: for an unknown ``reduction``.
@@ -41,9 +42,8 @@ class TritonBackend(Backend):
         max_derivative_order=None,
     )
 
-    def __init__(self, reduction: str = "deterministic") -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    def __init__(self, reduction: Reduction = "auto") -> None:
+        check_reduction(reduction)
         self.reduction = reduction
 
     def unavailable_reason(self) -> str | None:
@@ -104,7 +104,7 @@ class TritonBackend(Backend):
 
 
 def register_triton_backend(
-    reduction: str = "deterministic", *, replace: bool = False
+    reduction: Reduction = "auto", *, replace: bool = False
 ) -> TritonBackend:
     """Add the ``triton`` backend to the registry (it is not registered at import).
 
@@ -113,7 +113,7 @@ def register_triton_backend(
     tensors while ``TRITON_INTERPRET=1`` is set.
 
     Args:
-        reduction: ``"deterministic"`` (default) or ``"atomic"``.
+        reduction: ``"auto"`` (default, ``"sorted"``), ``"sorted"`` or ``"scatter"``.
         replace: replace a backend already registered as ``"triton"``. Default ``False``:
             registering twice returns the registered backend if its reduction matches.
 

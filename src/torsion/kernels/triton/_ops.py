@@ -35,8 +35,10 @@ import torch
 from torch import Tensor
 
 from torsion.kernels._checks import (
+    Reduction,
     check_conv_inputs,
     check_edge_indices_in_range,
+    check_reduction,
     check_tensor_product_inputs,
 )
 from torsion.kernels._registry import UnsupportedBackendError
@@ -49,12 +51,8 @@ from torsion.kernels.triton._codegen import (
 )
 from torsion.reps import TPDescriptor
 
-__all__ = ["REDUCTIONS", "triton_conv", "triton_tensor_product"]
+__all__ = ["triton_conv", "triton_tensor_product"]
 
-#: Reductions of the message-passing op: ``"deterministic"`` (receiver-sorted CSR, each
-#: program sums its rows in registers; bitwise reproducible) and ``"atomic"``
-#: (``tl.atomic_add`` on unsorted edges; the order of additions varies on a GPU).
-REDUCTIONS: tuple[str, ...] = ("deterministic", "atomic")
 
 # Tile sizes: edges x channels per program, rows per CSR program. Not tuned on a GPU yet.
 _BLOCK_E = 16
@@ -400,11 +398,6 @@ def _check_runnable(descriptor: TPDescriptor, device: torch.device) -> None:
         )
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
 def triton_conv(
     descriptor: TPDescriptor,
     x_node: Tensor,
@@ -414,7 +407,7 @@ def triton_conv(
     edge_dst: Tensor,
     num_nodes: int,
     *,
-    reduction: str = "deterministic",
+    reduction: Reduction = "auto",
     check_indices: bool = False,
 ) -> Tensor:
     """Fused message passing (gather -> tensor product -> scatter-sum) in Triton kernels.
@@ -438,10 +431,12 @@ def triton_conv(
         edge_src: sender of each edge, int64 or int32.
         edge_dst: receiver of each edge, int64 or int32.
         num_nodes: number of output rows.
-        reduction: ``"deterministic"`` (default; edges sorted by receiver through a
-            permutation, each program sums whole rows, bitwise reproducible) or
-            ``"atomic"`` (``tl.atomic_add``; no sort). The ``x_node`` gradient uses the
-            same reduction over senders.
+        reduction: ``"sorted"`` (edges sorted by receiver through a permutation, each
+            program sums whole rows in registers, bitwise reproducible), ``"scatter"``
+            (``tl.atomic_add`` on unsorted edges; the order of additions varies on a GPU)
+            or ``"auto"`` (default: ``"sorted"``), the vocabulary of every backend
+            (:data:`torsion.kernels.REDUCTIONS`). The ``x_node`` gradient uses the same
+            reduction over senders.
         check_indices: check the edge indices against their ranges (one host sync);
             out-of-range indices otherwise read and write out of bounds. Default ``False``.
 
@@ -459,7 +454,7 @@ def triton_conv(
         ``x_node``: ``(N, irreps_in1.dim)``, ``edge_attr``: ``(E, irreps_in2.dim)``,
         ``edge_src``, ``edge_dst``: ``(E,)``; output ``(num_nodes, irreps_out.dim)``.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if not torch.compiler.is_compiling():
         # Under torch.compile, dynamo sees the descriptor only through its constant handle,
         # and the ops' fake implementations check the shapes while tracing.
@@ -475,7 +470,7 @@ def triton_conv(
     return conv_node(
         descriptor_handle(descriptor),
         False,
-        reduction == "atomic",
+        reduction == "scatter",
         x_node,
         edge_attr,
         edge_weight,
