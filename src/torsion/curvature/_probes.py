@@ -619,10 +619,7 @@ def eigsh(
             # eigh's "failed to converge" message does not say so
             ones = torch.ones(n, 1, dtype=op.dtype, device=op.device)
             if not bool(torch.isfinite(_apply(op, ones)).all()):
-                raise ValueError(
-                    "eigsh: the operator's products have NaN or infinite entries (a NaN in "
-                    "the model, the loss or the data?)"
-                ) from error
+                raise _non_finite_products("eigsh") from error
             raise
 
 
@@ -871,6 +868,23 @@ def _trace_auto(op: Any, n: int, m: int, generator, rtol=None) -> TraceEstimate:
 _MIN_MATVECS = {"auto": 2, "hutchinson": 2, "hutchpp": 4, "xtrace": 4}
 
 
+def _non_finite_products(probe: str) -> ValueError:
+    return ValueError(
+        f"{probe}: the operator's products have NaN or infinite entries (a NaN in the "
+        "model, the loss or the data?)"
+    )
+
+
+def _check_finite_answer(probe: str, *answers: Tensor) -> None:
+    """A ``ValueError`` when a probe's answer is not finite: the operator's products were.
+
+    One host synchronisation at the end of a probe (which spent many products), so a NaN
+    in the model, the loss or the data is named instead of returned as an estimate.
+    """
+    if not all(bool(torch.isfinite(answer).all()) for answer in answers):
+        raise _non_finite_products(probe)
+
+
 def trace(
     op: Any,
     num_matvecs: int,
@@ -906,6 +920,10 @@ def trace(
 
     Standard errors are estimated from the samples: they cover the truth at roughly the
     nominal Gaussian rate for moderate budgets (a few tens of samples), not for tiny ones.
+
+    Raises:
+        ValueError: for a bad budget, method or ``rtol``, or when the operator's products
+            have NaN or infinite entries (checked once, on the estimate).
     """
     n = _check_operator(op)
     _check_generator(generator)
@@ -925,6 +943,7 @@ def trace(
     }[method]
     with _progress(op, progress, num_matvecs, "trace") as counted:
         result = estimator(counted, n, num_matvecs, generator, rtol)
+    _check_finite_answer("trace", result.estimate)
     return result._replace(
         estimate=_shared(op, result.estimate), standard_error=_shared(op, result.standard_error)
     )
@@ -947,6 +966,10 @@ def diagonal(
     and the standard error is its sample estimate over ``sqrt(num_matvecs)``. Returned as
     parameter pytrees when the operator has ``unflatten``. Needs >= 2 products.
     ``progress=True`` shows a tqdm bar of the products (when tqdm is installed).
+
+    Raises:
+        ValueError: for fewer than 2 products, or when the operator's products have NaN or
+            infinite entries (checked once, on the estimate).
     """
     n = _check_operator(op)
     _check_generator(generator)
@@ -954,6 +977,7 @@ def diagonal(
     z = _rademacher(n, num_matvecs, op, generator)
     with _progress(op, progress, num_matvecs, "diagonal") as counted:
         samples = z * _apply_chunked(counted, z)
+    _check_finite_answer("diagonal", samples)
     est, se = (_shared(op, t) for t in _mean_and_standard_error(samples, dim=1))
     return DiagonalEstimate(_unflatten_or_flat(op, est), _unflatten_or_flat(op, se), num_matvecs)
 
@@ -977,7 +1001,8 @@ def slq_quadrature(
     The Gauss rule is exact for polynomials of degree ``< 2 num_steps``:
     ``sum_j w_j nodes_j**d = v^T A^d v``, whose mean over probes estimates ``tr(A^d) / n``.
     Lanczos breakdown (an invariant Krylov space, e.g. ``num_steps > n``) sets the coupling
-    to exactly zero, so the extra nodes get zero weight. No host synchronisation.
+    to exactly zero, so the extra nodes get zero weight. No host synchronisation, so a NaN
+    product gives NaN nodes (:func:`spectral_density` checks and raises).
     ``progress=True`` shows a tqdm bar of the products (when tqdm is installed).
     """
     n = _check_operator(op)
@@ -1079,6 +1104,10 @@ def spectral_density(
 
     Returns:
         ``(grid, density)``, both ``(g,)`` on the operator's device and dtype.
+
+    Raises:
+        ValueError: for a bad ``sigma`` or ``grid``, or when the operator's products have
+            NaN or infinite entries (checked once, on the quadrature nodes).
     """
     if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
@@ -1088,9 +1117,13 @@ def spectral_density(
         raise ValueError(f"grid must be one-dimensional, got shape {tuple(grid.shape)}")
     if isinstance(grid, int):
         _check_count(grid, "grid", 2)
-    nodes, weights = slq_quadrature(
-        op, num_probes, num_steps, generator=generator, progress=progress
-    )
+    try:
+        nodes, weights = slq_quadrature(
+            op, num_probes, num_steps, generator=generator, progress=progress
+        )
+    except torch.linalg.LinAlgError as error:  # eigh of a tridiagonal with NaN entries
+        raise _non_finite_products("spectral_density") from error
+    _check_finite_answer("spectral_density", nodes, weights)
     lo, hi = nodes.min(), nodes.max()
     if sigma is None:
         sig = _default_sigma(nodes, weights)

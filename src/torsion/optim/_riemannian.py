@@ -453,6 +453,14 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
     same numbers broadcast to the parameter's shape; the small shape saves one
     parameter-sized buffer and most of the arithmetic.
 
+    **Non-finite gradients.** As in :mod:`torch.optim`, a step checks nothing (no host
+    synchronisation): a NaN or infinite gradient makes that parameter (and its moments)
+    NaN, never the other parameters stacked with it. Where a manifold map's decomposition
+    fails on it instead (an ``eigh`` on SPD), the step raises a ``ValueError`` naming the
+    parameters with non-finite gradients. Guard the step yourself (e.g. with
+    :func:`torch.nn.utils.clip_grad_norm_` and ``error_if_nonfinite=True``) to refuse such
+    steps.
+
     **Cayley Adam.** With ``Stiefel(retraction="cayley")`` (Euclidean metric) this is the
     Cayley Adam of Li, Yang, Zhong & Lin (ICLR 2020), solved exactly (see
     :class:`RiemannianSGD`), with two deliberate differences: ``v`` averages the squared
