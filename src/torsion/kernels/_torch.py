@@ -10,7 +10,7 @@ How it is fast (details in :mod:`torsion.kernels._torch_plan`):
   multiply applies the per-edge weights. No per-channel outer product is formed;
 * every other descriptor (``uvw``, ``uuu``, ``uvu`` with multiplicities on both inputs)
   runs one einsum per path;
-* work is cut into chunks of about 2 MiB of intermediates (4 MiB in float64), whose
+* work is cut into chunks of about 4 MiB of intermediates (8 MiB in float64), whose
   buffers are reused from chunk to chunk instead of allocated (and page-faulted) anew;
 * message passing (:func:`torch_conv`) is fused: per chunk of edges, gather the senders,
   evaluate, and scatter-sum into the receivers, either with ``index_add_``
@@ -128,7 +128,7 @@ def torch_conv(
     """Fused message passing: per chunk of edges, gather senders, tensor product, scatter-sum.
 
     Same contract as :func:`torsion.kernels.reference_conv`. Nothing per edge is kept
-    beyond one chunk (about 2 MiB of intermediates); derivatives of any order are fused
+    beyond one chunk (about 4 MiB of intermediates); derivatives of any order are fused
     the same way (the gradient for ``x_node`` gathers at the receivers and scatters to the
     senders). In eager mode the inputs are validated and the edge indices checked against
     their ranges (one host sync); under ``torch.compile`` the op's fake implementation
