@@ -122,6 +122,7 @@ def test_tour_passes_environment_writes_summary_and_reports_failures(tmp_path, m
     assert "about to fail" in summary
     assert "1 of 2 examples ran" in summary
 
+    monkeypatch.setenv("TORSION_QUICK", "1")  # a full tour unsets it for its examples
     assert main(["tour", "--out", str(out)]) == 1
     assert json.loads((out / "env.json").read_text())["TORSION_QUICK"] is None
 

@@ -98,9 +98,16 @@ class ExampleRun:
         return self.exit_code == 0
 
 
-def _run_example(script: str, log: str, environment: dict[str, str]) -> None:
-    """The body of one example's process: its output goes to ``log``, it runs as __main__."""
-    os.environ.update(environment)
+def _run_example(script: str, log: str, environment: dict[str, str | None]) -> None:
+    """The body of one example's process: its output goes to ``log``, it runs as __main__.
+
+    ``environment`` is set first (``None``: unset the variable).
+    """
+    for key, value in environment.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     with open(log, "w") as handle:
         os.dup2(handle.fileno(), 1)
         os.dup2(handle.fileno(), 2)
@@ -202,11 +209,9 @@ def run_tour(
     progress = _Progress(stream or sys.stdout)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    environment = {"MPLBACKEND": "Agg", "TORSION_OUT": str(out)}
+    environment = {"MPLBACKEND": "Agg", "TORSION_OUT": str(out), "TORSION_QUICK": None}
     if quick:
         environment["TORSION_QUICK"] = "1"
-    else:
-        os.environ.pop("TORSION_QUICK", None)
     # The fork server inherits the environment of its first use: the backend matters
     # already when matplotlib.pyplot is preloaded.
     os.environ["MPLBACKEND"] = "Agg"
