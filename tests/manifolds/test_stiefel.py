@@ -370,3 +370,14 @@ def test_cuda_matches_cpu(metric):
     point = manifold.random(2, 7, 3, dtype=torch.float32, device=cuda)
     assert point.device.type == "cuda" and point.dtype == torch.float32
     assert math.isfinite(float(manifold.dist(point[0], point[1])))
+
+
+def test_check_weight_manifold_is_the_one_layer_option_validator():
+    from torsion.manifolds import WEIGHT_MANIFOLDS, check_weight_manifold
+
+    assert WEIGHT_MANIFOLDS == ("stiefel",)
+    assert check_weight_manifold(None, "Layer") is None
+    assert check_weight_manifold("stiefel", "Layer") == "stiefel"
+    for bad in ("Stiefel", "grassmann", "", 1, Stiefel()):
+        with pytest.raises(ValueError, match=r"^Layer: weight_manifold must be None or 'stiefel'"):
+            check_weight_manifold(bad, "Layer")

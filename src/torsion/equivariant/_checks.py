@@ -12,11 +12,9 @@ from e3nn import o3
 from torch import Tensor, nn
 
 __all__ = [
-    "WEIGHT_MANIFOLDS",
     "NormalizedActivation",
     "as_irreps",
     "check_features",
-    "check_weight_manifold",
 ]
 
 
@@ -26,17 +24,6 @@ def as_irreps(value: Any, name: str) -> o3.Irreps:
         return o3.Irreps(value)
     except (ValueError, TypeError, AssertionError) as error:
         raise ValueError(f"{name} is not a valid e3nn Irreps: {value!r} ({error})") from None
-
-
-#: The constraints an equivariant layer's weights accept (``None``: free weights).
-WEIGHT_MANIFOLDS = ("stiefel",)
-
-
-def check_weight_manifold(value: Any, owner: str) -> str | None:
-    """``value`` if it is ``None`` or one of :data:`WEIGHT_MANIFOLDS`; else a ``ValueError``."""
-    if value is None or (isinstance(value, str) and value in WEIGHT_MANIFOLDS):
-        return value
-    raise ValueError(f"{owner}: weight_manifold must be None or 'stiefel', got {value!r}")
 
 
 def check_features(x: Any, dim: int, irreps_text: str, owner: str, name: str = "x") -> Tensor:

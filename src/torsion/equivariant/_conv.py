@@ -14,10 +14,10 @@ from torsion.equivariant._checks import (
     NormalizedActivation,
     as_irreps,
     check_features,
-    check_weight_manifold,
 )
 from torsion.equivariant._linear import Linear
 from torsion.kernels import conv
+from torsion.manifolds import check_weight_manifold
 from torsion.reps import TPDescriptor
 
 __all__ = ["EquivariantConv", "RadialMLP"]

@@ -12,8 +12,8 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from torsion.equivariant._checks import as_irreps, check_features, check_weight_manifold
-from torsion.manifolds import Stiefel
+from torsion.equivariant._checks import as_irreps, check_features
+from torsion.manifolds import Stiefel, check_weight_manifold
 
 __all__ = ["Linear"]
 

@@ -8,11 +8,11 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from torsion.equivariant._checks import check_weight_manifold
 from torsion.equivariant._conv import EquivariantConv
 from torsion.equivariant._gate import Gate
 from torsion.equivariant._linear import Linear
 from torsion.equivariant._radial import RadialBasis, SphericalHarmonics
+from torsion.manifolds import check_weight_manifold
 
 __all__ = ["EquivariantPotential", "energy_and_forces", "radius_graph"]
 

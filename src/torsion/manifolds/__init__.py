@@ -18,9 +18,10 @@ from torsion.manifolds._spd import (
     SPDLogCholesky,
     SPDLogEuclidean,
 )
-from torsion.manifolds._stiefel import Stiefel
+from torsion.manifolds._stiefel import WEIGHT_MANIFOLDS, Stiefel, check_weight_manifold
 
 __all__ = [
+    "WEIGHT_MANIFOLDS",
     "Euclidean",
     "FrechetMean",
     "Grassmann",
@@ -33,4 +34,5 @@ __all__ = [
     "Scaled",
     "Sphere",
     "Stiefel",
+    "check_weight_manifold",
 ]

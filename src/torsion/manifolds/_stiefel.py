@@ -46,7 +46,21 @@ from torsion.linalg import cayley_retraction, matrix_exp, polar, qr_unique
 from torsion.manifolds._base import Manifold
 from torsion.manifolds._matrix import frobenius_inner, sym
 
-__all__ = ["Stiefel"]
+__all__ = ["WEIGHT_MANIFOLDS", "Stiefel", "check_weight_manifold"]
+
+#: The constraints torsion's layers accept for their ``weight_manifold`` option (``None``:
+#: free weights): the mixing matrices of equivariant and spectral layers live on
+#: :class:`Stiefel`.
+WEIGHT_MANIFOLDS = ("stiefel",)
+
+
+def check_weight_manifold(value: object, owner: str) -> str | None:
+    """``value`` if it is ``None`` or one of :data:`WEIGHT_MANIFOLDS`; else a ``ValueError``
+    that names ``owner``, the layer being built."""
+    if value is None or (isinstance(value, str) and value in WEIGHT_MANIFOLDS):
+        return value
+    raise ValueError(f"{owner}: weight_manifold must be None or 'stiefel', got {value!r}")
+
 
 _METRICS = ("euclidean", "canonical")
 

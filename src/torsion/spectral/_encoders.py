@@ -63,8 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from torsion._dtypes import tie_tolerance
-from torsion.manifolds import Stiefel
-from torsion.spectral._filters import _check_weight_manifold
+from torsion.manifolds import Stiefel, check_weight_manifold
 
 __all__ = ["SPE", "BasisNet", "SignNet"]
 
@@ -390,7 +389,7 @@ class SignNet(nn.Module):
         super().__init__()
         _check_positive("SignNet", out_channels=out_channels, hidden_channels=hidden_channels)
         #: ``None`` or ``"stiefel"``: the constraint on the readout's last layer.
-        self.weight_manifold = _check_weight_manifold("SignNet", weight_manifold)
+        self.weight_manifold = check_weight_manifold(weight_manifold, "SignNet")
         self.out_channels = out_channels
         self.phi = _MLP(_dims(2, hidden_channels, hidden_channels, phi_layers, "SignNet phi"))
         self.rho = _MLP(
@@ -485,7 +484,7 @@ class SPE(nn.Module):
             hidden_channels=hidden_channels,
         )
         #: ``None`` or ``"stiefel"``: the constraint on the readout's last layer.
-        self.weight_manifold = _check_weight_manifold("SPE", weight_manifold)
+        self.weight_manifold = check_weight_manifold(weight_manifold, "SPE")
         self.out_channels = out_channels
         self.num_partitions = num_partitions
         h = hidden_channels
@@ -584,7 +583,7 @@ class BasisNet(nn.Module):
         if eigval_tol is not None and not eigval_tol >= 0.0:
             raise ValueError(f"BasisNet expects eigval_tol >= 0, got {eigval_tol}")
         #: ``None`` or ``"stiefel"``: the constraint on the readout's last layer.
-        self.weight_manifold = _check_weight_manifold("BasisNet", weight_manifold)
+        self.weight_manifold = check_weight_manifold(weight_manifold, "BasisNet")
         self.k = k
         self.out_channels = out_channels
         self.eigval_tol = eigval_tol

@@ -58,7 +58,7 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import coalesce
 
-from torsion.manifolds import Stiefel
+from torsion.manifolds import Stiefel, check_weight_manifold
 from torsion.spectral._polynomials import (
     Recurrence,
     bernstein_to_chebyshev,
@@ -141,18 +141,6 @@ def _check_graph(
                 f"{name}: edge_weight has negative entries; the normalized operator's spectrum "
                 "is then not confined to [-1, 1]"
             )
-
-
-def _check_weight_manifold(name: str, weight_manifold: object) -> str | None:
-    """``weight_manifold`` if it is ``None`` or ``"stiefel"``; a ``ValueError`` otherwise."""
-    if not (
-        weight_manifold is None
-        or (isinstance(weight_manifold, str) and weight_manifold == "stiefel")
-    ):
-        raise ValueError(
-            f"{name}: weight_manifold must be None or 'stiefel', got {weight_manifold!r}"
-        )
-    return weight_manifold
 
 
 def _channel_frame(channels: int, weight_manifold: str | None) -> geoopt.ManifoldParameter | None:
@@ -583,7 +571,7 @@ class JacobiConv(_PolynomialFilter):
         if not alpha > 0.0:
             raise ValueError(f"JacobiConv expects alpha > 0, got {alpha}")
         #: ``None`` or ``"stiefel"``: the constraint on the channel frame.
-        self.weight_manifold = _check_weight_manifold("JacobiConv", weight_manifold)
+        self.weight_manifold = check_weight_manifold(weight_manifold, "JacobiConv")
         self.a, self.b, self.alpha = float(a), float(b), float(alpha)
         self.weight = Parameter(torch.empty(self.K + 1, self.channels))
         self.eta = Parameter(torch.empty(self.K))
@@ -699,7 +687,7 @@ class OptBasisConv(_PolynomialFilter):
         if basis not in ("optimal", "favard"):
             raise ValueError(f"OptBasisConv basis must be 'optimal' or 'favard', got {basis!r}")
         #: ``None`` or ``"stiefel"``: the constraint on the channel frame.
-        self.weight_manifold = _check_weight_manifold("OptBasisConv", weight_manifold)
+        self.weight_manifold = check_weight_manifold(weight_manifold, "OptBasisConv")
         self.basis = basis
         self.weight = Parameter(torch.empty(self.K + 1, self.channels))
         if basis == "favard":
