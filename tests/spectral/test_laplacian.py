@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import itertools
 import math
+import sys
 
 import pytest
 import torch
@@ -471,6 +472,41 @@ def test_auto_picks_shift_invert_on_meshes_and_chebyshev_elsewhere(monkeypatch, 
     laplacian_eigs(connected_random_graph(1200, 2400, generator), 1200, 4)
     laplacian_eigs(cycle(200), 200, 4)  # small: dense
     assert calls == ["shift_invert_eigs", "chebyshev_eigs"]
+
+
+@pytest.mark.parametrize("method", ["arpack", "shift_invert"])
+def test_scipy_solvers_run_blas_on_one_thread(monkeypatch, method):
+    """Inside ARPACK's callbacks SciPy's BLAS runs one thread (with threadpoolctl)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+    original = eigensolvers._deflate_numpy
+
+    def spying_deflate(problem):
+        deflate = original(problem)
+
+        def wrapped(v):
+            seen.extend(
+                p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"
+            )
+            return deflate(v)
+
+        return wrapped
+
+    monkeypatch.setattr(eigensolvers, "_deflate_numpy", spying_deflate)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        eig = laplacian_eigs(grid(40, 30), 1200, 4, method=method, dtype=F64)
+        after = [
+            p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"
+        ]
+    assert seen and set(seen) == {1}
+    assert after and min(after) == 2  # the caller's limit is back
+    assert eig.residuals.max() < 1e-5
+
+
+def test_scipy_solvers_work_without_threadpoolctl(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import raises ImportError
+    eig = laplacian_eigs(grid(40, 30), 1200, 4, method="shift_invert", dtype=F64)
+    assert eig.residuals.max() < 1e-5
 
 
 def test_non_convergence_warns(large_graph):

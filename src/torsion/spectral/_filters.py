@@ -45,7 +45,6 @@ filter with one weight matrix per order; it is not duplicated here.
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -59,6 +58,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import coalesce
 
 from torsion.manifolds import Stiefel, check_weight_manifold
+from torsion.spectral._eigensolvers import csr_tensor
 from torsion.spectral._polynomials import (
     Recurrence,
     bernstein_to_chebyshev,
@@ -186,12 +186,7 @@ def _csr(rows: Tensor, cols: Tensor, values: Tensor, n: int) -> Tensor:
     index, values = coalesce(torch.stack([rows, cols]), values, n)
     counts = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
     counts.scatter_add_(0, index[0] + 1, torch.ones_like(index[0]))
-    with warnings.catch_warnings():
-        # torch flags every CSR tensor as beta; matrix products on them are what we use.
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        return torch.sparse_csr_tensor(
-            torch.cumsum(counts, 0), index[1], values, (n, n), check_invariants=False
-        )
+    return csr_tensor(torch.cumsum(counts, 0), index[1], values, n)
 
 
 class _SparseMatmul(torch.autograd.Function):
