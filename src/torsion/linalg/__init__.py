@@ -9,13 +9,10 @@ The numerical core under the SPD manifolds, the SPD layers and the optimizers:
   backward;
 * :func:`qr_unique`, :func:`polar` and :func:`cayley_retraction` orthonormalize for the
   Stiefel and Grassmann manifolds;
-* :func:`eigh`, ``torch.linalg.eigh`` with a batch spread over the CPU's intra-op threads
-  (torch solves a batch one matrix at a time on one thread);
 * :func:`matrix_exp`, the general matrix exponential, accurate to rounding at every norm
   (``torch.linalg.matrix_exp`` loses up to ``1e-10`` in float64 at small norms).
 """
 
-from torsion.linalg._eigh import eigh
 from torsion.linalg._expm import matrix_exp
 from torsion.linalg._orthonormal import cayley_retraction, polar, qr_unique
 from torsion.linalg._spectral import (
@@ -30,7 +27,6 @@ from torsion.linalg._spectral import (
 
 __all__ = [
     "cayley_retraction",
-    "eigh",
     "matrix_exp",
     "polar",
     "qr_unique",

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from torsion._dtypes import eigenvalue_floor, symmetry_tolerance, tie_tolerance
-from torsion.linalg._eigh import eigh
 
 __all__ = [
     "sym_clampm",
@@ -265,7 +264,7 @@ class _SpectralApply(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, fn: _SpectralFunction):
         # eigh of x + x^T halves to that of sym(x) on the eigenvalue vector, saving a pass.
-        twice_lam, q = eigh(x + x.mT)
+        twice_lam, q = torch.linalg.eigh(x + x.mT)
         lam = twice_lam / 2
         values = fn.f(_clamped(fn, lam))
         return (q * values[..., None, :]) @ q.mT, lam, q

@@ -39,7 +39,6 @@ from torch import Tensor
 
 from torsion._dtypes import eigenvalue_floor, symmetry_tolerance
 from torsion.linalg import (
-    eigh,
     qr_unique,
     sym_clampm,
     sym_expm,
@@ -192,7 +191,7 @@ class _Lyapunov(torch.autograd.Function):
 def _lyapunov(x: Tensor, u: Tensor) -> Tensor:
     """``L_x[u]``: the solution of ``x L + L x = u`` (eigenvalues floored as in linalg)."""
     with torch.no_grad():
-        lam, q = eigh(sym(x.detach()))
+        lam, q = torch.linalg.eigh(sym(x.detach()))
         scale = _representable_scale(lam.abs().amax(dim=-1, keepdim=True))
         lam = torch.maximum(lam, eigenvalue_floor(x.dtype) * scale)
     return _Lyapunov.apply(x, u, lam, q)

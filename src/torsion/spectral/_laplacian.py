@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import coalesce, remove_self_loops
 
-from torsion.linalg import eigh
 from torsion.spectral._eigensolvers import (
     SolverResult,
     SymmetricProblem,
@@ -636,7 +635,7 @@ def _dense_eigs(
         width = int(count.max())
         z = (labels[:, :, None] == torch.arange(width, device=device)) * weights[:, :, None]
         z = z * (bound + 1.0).sqrt()[:, None, None]
-        theta, v = eigh(torch.baddbmm(m, z, z.mT))
+        theta, v = torch.linalg.eigh(torch.baddbmm(m, z, z.mT))
         _assemble(
             theta,
             v,
