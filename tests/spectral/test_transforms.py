@@ -298,6 +298,13 @@ def test_random_walk_pe_empty_and_errors():
     bad.num_nodes = 2
     with pytest.raises(ValueError, match="negative"):
         AddRandomWalkPE(2)(bad)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = Data(
+            edge_index=torch.tensor([[0, 1], [1, 0]]), edge_weight=torch.ones(2, dtype=dtype)
+        )
+        half.num_nodes = 2
+        with pytest.raises(TypeError, match=r"float32 or torch\.float64"):
+            AddRandomWalkPE(2)(half)
 
 
 def test_random_walk_pe_handles_graphs_without_undirected_structure(generator):

@@ -22,6 +22,7 @@ from torsion.spectral._laplacian import (
     _NORMALIZATIONS,
     Method,
     Normalization,
+    _resolve_dtype,
     check_graph_inputs,
     laplacian_eigs,
 )
@@ -280,8 +281,9 @@ def _validate_walk_inputs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Coalesced ``(row, col, weight)`` with self-loops kept (they are part of the walk)."""
     check_graph_inputs(edge_index, num_nodes, edge_weight, name)
+    dtype = _resolve_dtype(edge_weight, None, name)  # sparse CPU products: float32/64 only
     if edge_weight is None:
-        weight = torch.ones(edge_index.shape[1], device=edge_index.device)
+        weight = torch.ones(edge_index.shape[1], dtype=dtype, device=edge_index.device)
     else:
         weight = edge_weight
     index, weight = coalesce(edge_index.long(), weight, num_nodes=num_nodes, reduce="sum")
