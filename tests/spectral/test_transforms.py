@@ -151,6 +151,13 @@ def test_canonical_sign_rule_and_fallback():
     batch = torch.tensor([0, 0, 1, 1])
     w = torch.tensor([[-2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [1.0, 0.0]])
     assert canonical_signs(w, batch, 2).tolist() == [[-1.0, 1.0], [1.0, 1.0]]
+    # every floating dtype, the half precisions through their own per-graph sums; an
+    # unsorted batch gives each graph the same signs as the sorted one
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        signs = canonical_signs(w.to(dtype), batch, 2)
+        assert signs.dtype == dtype and signs.tolist() == [[-1.0, 1.0], [1.0, 1.0]]
+    perm = torch.tensor([2, 0, 3, 1])
+    assert canonical_signs(w[perm], batch[perm], 2).tolist() == [[-1.0, 1.0], [1.0, 1.0]]
 
 
 def test_random_signs_are_reproducible_with_a_generator(generator):
