@@ -15,7 +15,8 @@ Each rank starts from a different random initialisation (DDP broadcasts rank 0's
 oracle is single-process training in float64: with equal shards and a mean loss, DDP's
 gradient average is the full-batch gradient, so the parameters must match full-batch
 training to rounding. SPDNet's batch norm normalises with each rank's own batch
-statistics (there is no synchronised SPD batch norm), so its oracle evaluates the two
+statistics (the default ``sync=False``; ``tests/nn/test_batchnorm_sync.py`` covers
+``sync=True``), so its oracle evaluates the two
 shards separately and keeps rank 0's running statistics (DDP broadcasts rank 0's buffers
 at every forward). Then the curvature operators run on the DDP-trained models with
 ``distributed=True`` and must equal the full-data operator of one process.

@@ -23,10 +23,12 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import geoopt
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from torsion.linalg import sym_expm, sym_invsqrtm, sym_logm, sym_powm, sym_sqrtm
@@ -58,17 +60,39 @@ def _from_log_cholesky(phi: Tensor) -> Tensor:
 _CHARTS = {"lem": (sym_logm, sym_expm), "lcm": (_log_cholesky, _from_log_cholesky)}
 
 
-def _batch_mean(x: Tensor) -> Tensor:
-    return x.flatten(0, -3).mean(dim=0)
+Mean = Callable[[Tensor, int], Tensor]
 
 
-def _airm_mean(x: Tensor, steps: int) -> Tensor:
-    """Karcher mean by ``steps`` fixed-point steps from the log-Euclidean mean."""
-    mean = sym_expm(_batch_mean(sym_logm(x)))
-    for _ in range(steps):
-        root, inv_root = sym_sqrtm(mean), sym_invsqrtm(mean)
-        mean = root @ sym_expm(_batch_mean(sym_logm(inv_root @ x @ inv_root))) @ root
+def _local_mean(values: Tensor, item_dims: int) -> Tensor:
+    """The mean over every leading dimension, items having ``item_dims`` trailing dims."""
+    return values.flatten(0, values.ndim - item_dims - 1).mean(dim=0)
+
+
+def _synced_mean(group: dist.ProcessGroup | None) -> Mean:
+    """The mean over the items of every rank of ``group``, differentiable.
+
+    Sums and counts are all-reduced together; the backward all-reduces the gradients
+    (``torch.distributed.nn``), so every rank's input gets the gradient of the sum of all
+    ranks' losses, as in ``torch.nn.SyncBatchNorm``.
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    def mean(values: Tensor, item_dims: int) -> Tensor:
+        items = values.flatten(0, values.ndim - item_dims - 1)
+        total = torch.cat([items.sum(dim=0).reshape(-1), items.new_full((1,), items.shape[0])])
+        total = all_reduce(total, group=group)
+        return (total[:-1] / total[-1]).reshape(items.shape[1:])
+
     return mean
+
+
+def _airm_mean(x: Tensor, steps: int, mean: Mean) -> Tensor:
+    """Karcher mean by ``steps`` fixed-point steps from the log-Euclidean mean."""
+    center = sym_expm(mean(sym_logm(x), 2))
+    for _ in range(steps):
+        root, inv_root = sym_sqrtm(center), sym_invsqrtm(center)
+        center = root @ sym_expm(mean(sym_logm(inv_root @ x @ inv_root), 2)) @ root
+    return center
 
 
 def _airm_geodesic(x: Tensor, y: Tensor, t: float) -> Tensor:
@@ -98,6 +122,15 @@ class SPDBatchNorm(nn.Module):
             log-Euclidean mean (exact for commuting batches). The output's Fréchet mean
             equals ``bias`` as far as these steps converge; each costs one batched
             logarithm.
+        sync: under ``torch.distributed``, pool the batch statistics over the matrices of
+            every rank of ``process_group`` (as ``torch.nn.SyncBatchNorm`` does): the
+            means are all-reduced sums, one all-reduce per mean (three for ``"airm"``
+            with two Karcher steps, plus one for the dispersion), and the backward
+            all-reduces their gradients. The layer then computes, on each rank, the rows
+            of what it computes on the concatenated batch, and the running statistics
+            agree on every rank. Without an initialised process group it is the local
+            layer.
+        process_group: the group to pool over (default: the whole world).
         dtype, device: of the parameters and buffers.
 
     Attributes:
@@ -118,6 +151,8 @@ class SPDBatchNorm(nn.Module):
         *,
         eps: float = 1e-5,
         karcher_steps: int = 2,
+        sync: bool = False,
+        process_group: dist.ProcessGroup | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -134,8 +169,11 @@ class SPDBatchNorm(nn.Module):
             raise ValueError(
                 f"SPDBatchNorm: karcher_steps must be an int >= 0, got {karcher_steps!r}"
             )
+        if not isinstance(sync, bool):
+            raise TypeError(f"SPDBatchNorm: sync must be a bool, got {sync!r}")
         self.n, self.metric, self.momentum = n, metric, float(momentum)
         self.eps, self.karcher_steps = float(eps), karcher_steps
+        self.sync, self.process_group = sync, process_group
         eye = torch.eye(n, dtype=dtype, device=device)
         self.bias = geoopt.ManifoldParameter(eye.clone(), manifold=_MANIFOLDS[metric]())
         self.scale = nn.Parameter(torch.ones((), dtype=eye.dtype, device=device))
@@ -157,17 +195,23 @@ class SPDBatchNorm(nn.Module):
             return self._affine_invariant(x)
         return self._lie_chart(x)
 
+    def _mean(self) -> Mean:
+        """How the batch statistics average: over this batch, or over every rank's."""
+        synced = self.sync and dist.is_available() and dist.is_initialized()
+        return _synced_mean(self.process_group) if synced else _local_mean
+
     @staticmethod
-    def _dispersion(centred: Tensor) -> Tensor:
+    def _dispersion(centred: Tensor, mean: Mean) -> Tensor:
         """Mean squared distance to the mean, from the centred chart coordinates."""
-        return centred.square().sum(dim=(-2, -1)).mean()
+        return mean(centred.square().sum(dim=(-2, -1)), 0)
 
     def _lie_chart(self, x: Tensor) -> Tensor:
         chart, inverse = _CHARTS[self.metric]
         phi = chart(x)
         if self.training:
-            mean = _batch_mean(phi)
-            var = self._dispersion(phi - mean)
+            average = self._mean()
+            mean = average(phi, 2)
+            var = self._dispersion(phi - mean, average)
             with torch.no_grad():
                 running = chart(self.running_mean)
                 m = self.momentum
@@ -179,14 +223,15 @@ class SPDBatchNorm(nn.Module):
         return inverse(factor * (phi - mean) + chart(self.bias))
 
     def _affine_invariant(self, x: Tensor) -> Tensor:
+        average = self._mean()
         if self.training:
-            mean = _airm_mean(x, self.karcher_steps)
+            mean = _airm_mean(x, self.karcher_steps, average)
         else:
             mean = self.running_mean
         inv_root = sym_invsqrtm(mean)
         logs = sym_logm(inv_root @ x @ inv_root)
         if self.training:
-            var = self._dispersion(logs)
+            var = self._dispersion(logs, average)
             with torch.no_grad():
                 m = self.momentum
                 self.running_mean.copy_(_airm_geodesic(self.running_mean, mean.detach(), m))
@@ -198,4 +243,5 @@ class SPDBatchNorm(nn.Module):
         return bias_root @ sym_expm(factor * logs) @ bias_root
 
     def extra_repr(self) -> str:
-        return f"{self.n}, metric={self.metric!r}, momentum={self.momentum}"
+        sync = ", sync=True" if self.sync else ""
+        return f"{self.n}, metric={self.metric!r}, momentum={self.momentum}{sync}"
