@@ -36,8 +36,8 @@ def _layer(metric: str, sync: bool, bias: torch.Tensor) -> SPDBatchNorm:
     return layer
 
 
-def _shards(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return t.split([4, 6])
+def _shards(t: torch.Tensor, sizes: tuple[int, int] = (4, 6)) -> tuple[torch.Tensor, ...]:
+    return t[: sum(sizes)].split(list(sizes))
 
 
 def _run(layer: SPDBatchNorm, x: torch.Tensor, weights: torch.Tensor) -> dict:
@@ -54,9 +54,22 @@ def _run(layer: SPDBatchNorm, x: torch.Tensor, weights: torch.Tensor) -> dict:
     }
 
 
-def _on_rank(rank: int, world_size: int, metric: str, sync: bool) -> dict:
+def _on_rank(
+    rank: int, world_size: int, metric: str, sync: bool, sizes: tuple[int, int] = (4, 6)
+) -> dict:
     x, weights, bias = _inputs()
-    return _run(_layer(metric, sync, bias), _shards(x)[rank], _shards(weights)[rank])
+    layer = _layer(metric, sync, bias)
+    return _run(layer, _shards(x, sizes)[rank], _shards(weights, sizes)[rank])
+
+
+def _error_on_rank(rank: int, world_size: int, metric: str) -> str:
+    """The message each rank raises when every shard is empty (returned, not raised, so
+    that the test sees all ranks finish)."""
+    try:
+        _on_rank(rank, world_size, metric, True, (0, 0))
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -74,6 +87,30 @@ def test_synced_statistics_equal_the_concatenated_batch(metric):
     for r in ranks:
         torch.testing.assert_close(r["running_mean"], full["running_mean"], **close)
         torch.testing.assert_close(r["running_var"], full["running_var"], **close)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_a_rank_with_an_empty_batch_joins_the_statistics(metric):
+    """One rank's shard is empty: it still joins every all-reduce (no hang), returns an
+    empty batch and ends with the same running statistics; the other rank's rows are the
+    layer on the whole batch."""
+    x, weights, bias = _inputs()
+    full = _run(_layer(metric, False, bias), x, weights)
+    ranks = run_on_ranks(_on_rank, metric, True, (10, 0), world_size=WORLD_SIZE)
+    close = {"rtol": 1e-10, "atol": 1e-12}
+    assert ranks[1]["out"].shape == (0, N, N) and ranks[1]["grad_x"].shape == (0, N, N)
+    torch.testing.assert_close(ranks[0]["out"], full["out"], **close)
+    torch.testing.assert_close(ranks[0]["grad_x"], full["grad_x"], **close)
+    for name in ("grad_bias", "grad_scale"):
+        torch.testing.assert_close(ranks[0][name] + ranks[1][name], full[name], **close)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], full["running_mean"], **close)
+        torch.testing.assert_close(r["running_var"], full["running_var"], **close)
+
+
+def test_every_rank_raises_when_every_batch_is_empty():
+    messages = run_on_ranks(_error_on_rank, "airm", world_size=WORLD_SIZE)
+    assert all("every rank's batch is empty" in m for m in messages), messages
 
 
 def test_unsynced_ranks_differ_from_the_concatenated_batch():

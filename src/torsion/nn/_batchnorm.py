@@ -81,6 +81,14 @@ def _synced_mean(group: dist.ProcessGroup | None) -> Mean:
         items = values.flatten(0, values.ndim - item_dims - 1)
         total = torch.cat([items.sum(dim=0).reshape(-1), items.new_full((1,), items.shape[0])])
         total = all_reduce(total, group=group)
+        # A rank with an empty shard still joins every collective; it reads the pooled
+        # count (its only host sync), so that if all shards are empty every rank raises
+        # the same error instead of some hanging in the next all-reduce.
+        if items.shape[0] == 0 and int(total[-1]) == 0:
+            raise ValueError(
+                "SPDBatchNorm(sync=True) needs at least one matrix in training mode on some "
+                "rank to estimate the batch statistics; every rank's batch is empty"
+            )
         return (total[:-1] / total[-1]).reshape(items.shape[1:])
 
     return mean
@@ -128,8 +136,9 @@ class SPDBatchNorm(nn.Module):
             with two Karcher steps, plus one for the dispersion), and the backward
             all-reduces their gradients. The layer then computes, on each rank, the rows
             of what it computes on the concatenated batch, and the running statistics
-            agree on every rank. Without an initialised process group it is the local
-            layer.
+            agree on every rank. A rank whose batch is empty still takes part (and returns
+            an empty batch); if every rank's batch is empty, every rank raises. Without an
+            initialised process group it is the local layer.
         process_group: the group to pool over (default: the whole world).
         dtype, device: of the parameters and buffers.
 
@@ -186,7 +195,7 @@ class SPDBatchNorm(nn.Module):
             raise ValueError(
                 f"SPDBatchNorm({self.n}) expects a batch (..., {self.n}, {self.n}), got {got}"
             )
-        if self.training and x.numel() == 0:
+        if self.training and x.numel() == 0 and not self._synced():
             raise ValueError(
                 f"SPDBatchNorm({self.n}) needs at least one matrix in training mode to "
                 f"estimate the batch statistics, got an empty batch of shape {tuple(x.shape)}"
@@ -195,10 +204,13 @@ class SPDBatchNorm(nn.Module):
             return self._affine_invariant(x)
         return self._lie_chart(x)
 
+    def _synced(self) -> bool:
+        """Whether the batch statistics pool every rank's batch."""
+        return self.sync and dist.is_available() and dist.is_initialized()
+
     def _mean(self) -> Mean:
         """How the batch statistics average: over this batch, or over every rank's."""
-        synced = self.sync and dist.is_available() and dist.is_initialized()
-        return _synced_mean(self.process_group) if synced else _local_mean
+        return _synced_mean(self.process_group) if self._synced() else _local_mean
 
     @staticmethod
     def _dispersion(centred: Tensor, mean: Mean) -> Tensor:
