@@ -26,11 +26,27 @@ bandwidth of a large ``copy_`` measured in the same run.
 Targets (TARGETS.md): forward + backward >= 3x e3nn's unfused pipeline, double backward >=
 5x. This machine is shared; numbers are noisy, ratios less so (timings are interleaved).
 
+**The kernel table** (``--device cuda``): torsion's Triton backend (``backend="triton"``)
+against its ``torch`` backend, e3nn's pipeline and cuEquivariance's channelwise product
+plus ``index_add`` (when ``cuequivariance_torch`` is installed; its weight order differs
+from e3nn's, so it is checked for shape and finiteness only), float32, on the MACE/NequIP
+problem at C = 32 and 128 and an L = 3 variant (C = 32), E = 1e5 and 1e6 (``--quick``:
+1e4), with N = E / 10: forward, forward + backward and double backward; for the forward
+the achieved GB/s (the fused byte floor above over the time) and the fraction of the
+measured device copy bandwidth. Target (TARGETS.md): >= 60 % of the roofline and >= 10x
+e3nn on an H100. An anchor that runs out of GPU memory is reported as ``OOM``. Without a
+GPU, ``--quick`` also runs this table on tiny problems through Triton's CPU interpreter,
+so its code path is exercised in CI (those times mean nothing).
+
     python benchmarks/bench_tensor_product.py [--quick] [--threads N] [--repeats N] [--out DIR]
+    python benchmarks/bench_tensor_product.py --device cuda [--quick] [--repeats N]
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import os
 import sys
 from collections.abc import Callable
 
@@ -38,6 +54,7 @@ import torch
 from e3nn import o3
 
 from _harness import (
+    Timing,
     check_close,
     environment_line,
     fmt_ms,
@@ -46,6 +63,7 @@ from _harness import (
     ratio,
     render_table,
     setup,
+    synchronize,
     time_fn,
     time_fns,
     write_results,
@@ -57,9 +75,11 @@ SEED = 20260524
 PASSES = ("forward", "forward_backward", "double_backward")
 
 
-def descriptor(channels: int) -> TPDescriptor:
-    irreps = f"{channels}x0e+{channels}x1o+{channels}x2e"
-    return TPDescriptor.channelwise(irreps, "0e+1o+2e", "0e+1o+2e", layout="ir_mul")
+def descriptor(channels: int, lmax: int = 2) -> TPDescriptor:
+    """``Cx0e+Cx1o+...+Cx(lmax)`` (x) ``0e+1o+...`` -> ``0e+1o+...``, uvu, in ``ir_mul``."""
+    irreps = [f"{l}{'eo'[l % 2]}" for l in range(lmax + 1)]
+    features = "+".join(f"{channels}x{ir}" for ir in irreps)
+    return TPDescriptor.channelwise(features, "+".join(irreps), "+".join(irreps), layout="ir_mul")
 
 
 def e3nn_module(d: TPDescriptor, dtype: torch.dtype) -> o3.TensorProduct:
@@ -94,12 +114,12 @@ def pass_fns(
     }
 
 
-def copy_bandwidth(dtype: torch.dtype, quick: bool) -> float:
+def copy_bandwidth(dtype: torch.dtype, quick: bool, device: str = "cpu") -> float:
     """Bytes per second of a large ``copy_`` (read + write), the memory roofline."""
     n = (1 << 22) if quick else (1 << 26)
-    src = torch.ones(n, dtype=torch.float32)
+    src = torch.ones(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), warmup=2, repeats=5)
+    t = time_fn(lambda: dst.copy_(src), warmup=2, repeats=5, device=device)
     return 2 * src.numel() * src.element_size() / (t.min_ms * 1e-3)
 
 
@@ -200,14 +220,217 @@ def run_problem(channels: int, dtype: torch.dtype, num_edges: int, args) -> dict
     }
 
 
+# -- the kernel table: torsion's Triton backend on a GPU -----------------------------------
+
+#: Problems of the kernel table: (name, channels, lmax). ``--quick`` shrinks the channels.
+KERNEL_PROBLEMS = (("MACE/NequIP", 32, 2), ("MACE/NequIP", 128, 2), ("L = 3", 32, 3))
+KERNEL_EDGES = (100_000, 1_000_000)
+#: The CPU smoke run of the kernel table (``--quick`` without a GPU, Triton's interpreter).
+SMOKE_CHANNELS, SMOKE_EDGES = 4, (24,)
+
+
+def cuequivariance_pipeline(d: TPDescriptor, dtype: torch.dtype, device: str):
+    """cuEquivariance's channelwise product as message passing (its fused gather / scatter
+    through ``indices_1`` / ``indices_out`` when its version has them, else
+    ``index_select`` and ``index_add``), or a string saying why not (not installed, or its
+    API refused the problem).
+
+    Its weights are not in e3nn's order, so only the shape and finiteness of its output
+    are checked; it is an anchor for time only.
+    """
+    try:
+        import cuequivariance as cue
+        import cuequivariance_torch as cuet
+    except ImportError:
+        return "not installed"
+    try:
+        tp = cuet.ChannelWiseTensorProduct(
+            cue.Irreps("O3", str(d.irreps_in1)),
+            cue.Irreps("O3", str(d.irreps_in2)),
+            cue.Irreps("O3", str(d.irreps_out.simplify())),
+            layout=cue.ir_mul,
+            shared_weights=False,
+            internal_weights=False,
+            device=device,
+            dtype=dtype,
+            math_dtype=dtype,
+        )
+    except Exception as error:  # an anchor's API drift must not hide our own numbers
+        return f"{type(error).__name__}: {error}"
+    fused = "indices_out" in inspect.signature(tp.forward).parameters
+
+    def run(x, attr, weight, src, dst, num_nodes):
+        if fused:
+            return tp(x, attr, weight, indices_1=src, indices_out=dst, size_out=num_nodes)
+        messages = tp(x.index_select(0, src), attr, weight)
+        return messages.new_zeros((num_nodes, messages.shape[1])).index_add(0, dst, messages)
+
+    run.weight_numel = tp.weight_numel
+    return run
+
+
+def run_kernel_problem(
+    name: str, channels: int, lmax: int, num_edges: int, device: str, args
+) -> dict:
+    """One row group of the kernel table: torsion's ``triton`` backend against its
+    ``torch`` backend, e3nn's pipeline and cuEquivariance's (when installed), float32,
+    forward / forward + backward / double backward, interleaved."""
+    from torsion.kernels import conv
+
+    dtype = torch.float32
+    gen = torch.Generator().manual_seed(SEED)
+    d = descriptor(channels, lmax)
+    num_nodes = max(num_edges // 10, 2)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    x = randn(num_nodes, d.irreps_in1.dim)
+    attr = randn(num_edges, d.irreps_in2.dim)
+    weight = randn(num_edges, d.weight_numel)
+    probe = randn(num_nodes, d.irreps_out.dim)
+    src, dst = (torch.randint(0, num_nodes, (num_edges,), generator=gen).to(device) for _ in "ab")
+    # leaves shared by every candidate (gradients are taken with autograd.grad): five copies
+    # of the per-edge weights would not fit next to e3nn at E = 1e6, C = 128
+    leaves = [t.requires_grad_() for t in (x, attr, weight)]
+    inputs = {"triton": leaves, "torch": leaves}
+
+    def torsion_run(backend: str):
+        return lambda x_, a_, w_: conv(d, x_, a_, w_, src, dst, num_nodes, backend=backend)
+
+    runs = {"triton": torsion_run("triton"), "torch": torsion_run("torch")}
+    # correctness before timing: the Triton kernels against the torch backend
+    ours, ref = (runs[m](*inputs[m]) for m in ("triton", "torch"))
+    errors = {"forward": check_close("triton forward", ours, ref, rtol=2e-4, atol=2e-4)}
+    for label, a, b in zip(
+        ("grad x", "grad attr", "grad w"),
+        torch.autograd.grad((ours * probe).sum(), inputs["triton"]),
+        torch.autograd.grad((ref * probe).sum(), inputs["torch"]),
+        strict=True,
+    ):
+        errors[label] = check_close(label, a, b, rtol=2e-4, atol=2e-4 * float(b.abs().max()))
+    del ours, ref
+
+    anchors: dict[str, str] = {}
+    tp = e3nn_module(d, dtype).to(device)
+    x_e3nn = convert_layout(x, d.irreps_in1, "ir_mul", "mul_ir")
+    probe_e3nn = convert_layout(probe, d.irreps_out, "ir_mul", "mul_ir")
+
+    def e3nn_run(x_, a_, w_):
+        messages = tp(x_.index_select(0, src), a_, w_)
+        return messages.new_zeros((num_nodes, d.irreps_out.dim)).index_add(0, dst, messages)
+
+    runs["e3nn"] = e3nn_run
+    inputs["e3nn"] = [x_e3nn.detach().requires_grad_(), *leaves[1:]]
+    probes = {"triton": probe, "torch": probe, "e3nn": probe_e3nn}
+    cue_run = cuequivariance_pipeline(d, dtype, device) if device.startswith("cuda") else None
+    if callable(cue_run):
+        cue_in = [leaves[0], leaves[1], randn(num_edges, cue_run.weight_numel).requires_grad_()]
+        cue_out = cue_run(*cue_in, src, dst, num_nodes)
+        if cue_out.shape != (num_nodes, d.irreps_out.dim) or not cue_out.isfinite().all():
+            anchors["cuEquivariance"] = f"unexpected output {tuple(cue_out.shape)}"
+        else:
+            runs["cuEquivariance"] = lambda x_, a_, w_: cue_run(x_, a_, w_, src, dst, num_nodes)
+            inputs["cuEquivariance"], probes["cuEquivariance"] = cue_in, probe
+    elif cue_run is not None:
+        anchors["cuEquivariance"] = cue_run
+
+    timings: dict[str, dict[str, object]] = {m: {} for m in runs}
+    for pass_name in PASSES:
+        fns = {m: pass_fns(runs[m], inputs[m], probes[m])[pass_name] for m in runs}
+        for m in list(fns):  # an anchor that runs out of memory is reported, not fatal
+            try:
+                fns[m]()
+            except torch.OutOfMemoryError:
+                timings[m][pass_name] = "OOM"
+                del fns[m]
+            synchronize(device)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        measured = time_fns(fns, warmup=args.warmup, repeats=args.repeats, device=device)
+        for m, t in measured.items():
+            timings[m][pass_name] = t
+    return {
+        "problem": name,
+        "channels": channels,
+        "lmax": lmax,
+        "edges": num_edges,
+        "nodes": num_nodes,
+        "timings": timings,
+        "anchors": anchors,
+        "fused_forward_bytes": fused_forward_bytes(d, num_edges, num_nodes, 4),
+        "correctness": errors,
+    }
+
+
+def kernel_table(records: list[dict], env: dict, bandwidth: float, smoke: bool) -> str:
+    """The kernel table: time, achieved GB/s and roofline fraction of the fused forward,
+    and every anchor as a ratio over the Triton time."""
+    anchors = ["torch", "e3nn", "cuEquivariance"]
+    headers = ["problem", "C", "E", "pass", "triton ms", "GB/s", "roofline"]
+    headers += [f"{a} ms" for a in anchors] + [f"{a} / triton" for a in anchors]
+    rows = []
+    for r in records:
+        for pass_name in PASSES:
+            ours = r["timings"]["triton"][pass_name]
+            cells, ratios = [], []
+            for a in anchors:
+                t = r["timings"].get(a, {}).get(pass_name, r["anchors"].get(a, "-"))
+                if isinstance(t, Timing):
+                    cells.append(fmt_ms(t.median_ms))
+                    ratios.append(fmt_ratio(ratio(t.median_ms, ours.median_ms)))
+                else:
+                    cells.append(str(t)[:40])
+                    ratios.append("-")
+            gbps = roof = ""
+            if pass_name == "forward":
+                achieved = r["fused_forward_bytes"] / (ours.median_ms * 1e-3)
+                gbps, roof = f"{achieved / 1e9:.0f}", f"{100 * achieved / bandwidth:.0f} %"
+            head = [r["problem"], r["channels"], r["edges"], pass_name.replace("_", " ")]
+            rows.append([*head, fmt_ms(ours.median_ms), gbps, roof, *cells, *ratios])
+    return (
+        f"torsion's Triton kernels (backend='triton', sorted reduction) on {env['device_name']}"
+        + (" through Triton's CPU interpreter (a smoke run: times mean nothing)" if smoke else "")
+        + ", "
+        f"float32, uvu with per-edge weights, N = E / 10 nodes; median ms; ratio = anchor / "
+        f"triton (> 1: Triton faster). torch = torsion's torch backend; e3nn = gather -> "
+        f"TensorProduct -> index_add. GB/s: the fused-forward byte floor over the forward "
+        f"time; roofline: that over the measured copy bandwidth "
+        f"({bandwidth / 1e9:.0f} GB/s).\n\n" + render_table(headers, rows)
+    )
+
+
+def kernel_main(args, env: dict, device: str, smoke: bool) -> None:
+    """Run the kernel table on ``device``; ``smoke``: Triton's interpreter on tiny problems."""
+    problems = KERNEL_PROBLEMS
+    edges = (10_000,) if args.quick else KERNEL_EDGES
+    if smoke:
+        problems = [(name, SMOKE_CHANNELS, lmax) for name, _, lmax in KERNEL_PROBLEMS[1:]]
+        edges = SMOKE_EDGES
+    bandwidth = copy_bandwidth(torch.float32, args.quick or smoke, device)
+    records = []
+    for name, channels, lmax in problems:
+        for num_edges in edges:
+            records.append(run_kernel_problem(name, channels, lmax, num_edges, device, args))
+            print(f"done: {name}, {channels} channels, E = {num_edges}", flush=True)
+    table = kernel_table(records, env, bandwidth, smoke)
+    print()
+    print(table)
+    json_path, md_path = write_results("tensor_product_triton", args, env, records, table)
+    print(f"\nwrote {json_path} and {md_path}")
+
+
 def main() -> int:
     args = parse_args(__doc__)
     env = setup(args)
-    if args.device != "cpu":
-        print("this benchmark compares CPU paths; run it with --device cpu", file=sys.stderr)
-        return 2
     env["e3nn"] = __import__("e3nn").__version__
     print(environment_line(env) + f", e3nn {env['e3nn']}", flush=True)
+    if args.device.startswith("cuda"):
+        kernel_main(args, env, args.device, smoke=False)
+        return 0
+    if args.device != "cpu":
+        print("run this benchmark with --device cpu or --device cuda", file=sys.stderr)
+        return 2
     num_edges = 400 if args.quick else 10_000
     channels_list = (8,) if args.quick else (128, 32)
     bandwidth = copy_bandwidth(torch.float32, args.quick)
@@ -224,6 +447,10 @@ def main() -> int:
     print(table)
     json_path, md_path = write_results("tensor_product", args, env, records, table)
     print(f"\nwrote {json_path} and {md_path}")
+    if args.quick and importlib.util.find_spec("triton") is not None:
+        # the kernel table's code path, so that it cannot rot before a GPU runs it
+        os.environ["TRITON_INTERPRET"] = "1"
+        kernel_main(args, env, "cpu", smoke=True)
     return 0
 
 

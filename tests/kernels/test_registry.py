@@ -59,11 +59,13 @@ class _Unavailable(_FastCPUFloat32):
 
 
 @pytest.fixture(autouse=True)
-def _without_default_fast_backend():
-    """These tests are about the registry itself: the default ``torch`` backend steps aside."""
-    torch_backend = unregister_backend("torch")
+def _without_default_fast_backends():
+    """These tests are about the registry itself: the default ``torch`` and ``triton``
+    backends step aside."""
+    defaults = [unregister_backend(name) for name in ("torch", "triton")]
     yield
-    register_backend(torch_backend)
+    for backend in defaults:
+        register_backend(backend)
 
 
 @pytest.fixture

@@ -351,14 +351,47 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(monkeypatch, tmp_pa
 # -- the registry backend and errors ------------------------------------------------------
 
 
-def test_backend_registers_and_runs_through_conv(generator):
+def test_auto_picks_triton_for_cuda_requests_only(monkeypatch):
+    """Registered at import: ``"auto"`` takes it for the CUDA requests it supports (resolving
+    needs no GPU), never for CPU tensors, even with the interpreter on."""
     d = _small()
-    backend = register_triton_backend("scatter", replace=True)
+    default = kernels.get_backend("triton")
+    assert isinstance(default, TritonBackend) and default.reduction == "auto"
+    assert kernels.available_backends()[0] == "triton"
+    for layout in ("ir_mul", "mul_ir"):
+        for op in kernels.KERNEL_OPS:
+            for order in (0, 1, 2, 3):
+                chosen = kernels.resolve(
+                    d.with_layout(layout), "cuda:0", F32, op, derivative_order=order
+                )
+                assert chosen is default
+    uvw = TPDescriptor.fully_connected("2x0e", "0e", "2x0e")
+    assert kernels.resolve(uvw, "cuda", F32, "conv").name == "torch"
+    with pytest.raises(UnsupportedBackendError, match="triton: dtype float16"):
+        kernels.resolve(d, "cuda", torch.float16, "conv")
+    for interpret in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert kernels.resolve(d, "cpu", F64, "conv").name == "torch"
+    torch_backend = kernels.unregister_backend("torch")
+    try:
+        reference = kernels.unregister_backend("reference")
+        try:
+            with pytest.raises(UnsupportedBackendError, match=r"picks it only on \['cuda'\]"):
+                kernels.resolve(d, "cpu", F64, "conv")
+        finally:
+            kernels.register_backend(reference)
+    finally:
+        kernels.register_backend(torch_backend)
+
+
+def test_backend_reduction_swaps_and_runs_through_conv(generator):
+    d = _small()
+    default = kernels.get_backend("triton")
+    backend = register_triton_backend("scatter")
     try:
         assert isinstance(backend, TritonBackend) and backend.reduction == "scatter"
+        assert kernels.get_backend("triton") is backend
         assert register_triton_backend("scatter") is backend
-        with pytest.raises(ValueError, match="already registered"):
-            register_triton_backend("sorted")
         chosen = kernels.resolve(d, "cpu", F64, "conv", "triton", derivative_order=2)
         assert chosen is backend
         x, a, w = _inputs(d, generator, 4, 7, F64)
@@ -375,8 +408,17 @@ def test_backend_registers_and_runs_through_conv(generator):
             patch.setenv("TRITON_INTERPRET", "0")
             with pytest.raises(UnsupportedBackendError, match="device 'cpu'"):
                 kernels.resolve(d, "cpu", F64, "conv", "triton")
+        # a foreign backend under the name is replaced only on request
+        kernels.register_backend(_Impostor(), replace=True)
+        with pytest.raises(ValueError, match="already registered"):
+            register_triton_backend("sorted")
+        assert register_triton_backend("sorted", replace=True).reduction == "sorted"
     finally:
-        kernels.unregister_backend("triton")
+        kernels.register_backend(default, replace=True)
+
+
+class _Impostor(kernels.ReferenceBackend):
+    name = "triton"
 
 
 def test_errors_name_the_problem(generator, monkeypatch):
@@ -447,3 +489,61 @@ def test_compiled_kernels_on_cuda_large_graph(dtype, monkeypatch):
         strict=True,
     ):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+def test_potential_on_cuda_runs_triton_through_auto(monkeypatch):
+    """A model left at ``backend="auto"`` runs these kernels on CUDA: energy, forces and the
+    force-training gradient equal the same model's on the CPU (``torch`` backend)."""
+    from torsion.equivariant import EquivariantPotential
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    model = EquivariantPotential(num_species=2, channels=4).double()
+    conv = next(m for m in model.modules() if hasattr(m, "descriptor"))
+    assert kernels.resolve(conv.descriptor, "cuda", F64, "conv", derivative_order=2).name == (
+        "triton"
+    )
+    pos = torch.randn(40, 3, generator=generator, dtype=F64) * 2
+    species = torch.randint(0, 2, (40,), generator=generator)
+    batch = torch.arange(4).repeat_interleave(10)
+    state = model.state_dict()
+    want = _potential_outputs("torch", state, pos, species, batch)
+    cuda = [t.cuda() for t in (pos, species, batch)]
+    got = _potential_outputs("auto", state, *cuda)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-10)
+
+
+def _potential_outputs(backend, state, pos, species, batch):
+    """Energy, forces and the force-training gradient of a small potential on the
+    device of ``pos``."""
+    from torsion.equivariant import EquivariantPotential
+
+    model = EquivariantPotential(num_species=2, channels=4, backend=backend)
+    model = model.double().to(pos.device)
+    model.load_state_dict(state)
+    pos = pos.clone().requires_grad_()
+    energy = model(pos=pos, species=species, batch=batch)
+    (forces,) = torch.autograd.grad(-energy.sum(), pos, create_graph=True)
+    loss = energy.square().sum() + forces.square().sum()
+    return [energy, forces, *torch.autograd.grad(loss, list(model.parameters()))]
+
+
+@pytest.mark.slow
+def test_potential_force_training_matches_the_torch_backend(generator):
+    """The whole force-training step of ``EquivariantPotential`` (energy, forces = -dE/dpos,
+    gradient of an energy + force loss) through the interpreted kernels equals the
+    ``torch`` backend's."""
+    from torsion.equivariant import EquivariantPotential
+
+    torch.manual_seed(0)
+    state = EquivariantPotential(num_species=2, channels=4).double().state_dict()
+    pos = torch.randn(12, 3, generator=generator, dtype=F64) * 2
+    species = torch.randint(0, 2, (12,), generator=generator)
+    batch = torch.arange(2).repeat_interleave(6)
+    want = _potential_outputs("torch", state, pos, species, batch)
+    got = _potential_outputs("triton", state, pos, species, batch)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

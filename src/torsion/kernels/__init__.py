@@ -15,11 +15,11 @@
   merged into one per-edge matrix product, fused chunked message passing
   (:func:`torch_conv`), and ``torch.library`` custom ops whose backward and double
   backward are explicit tensor products; see :mod:`torsion.kernels._torch` for the
-  force-training recipe under ``torch.compile``). The CUDA backend ``triton`` lives in
-  :mod:`torsion.kernels.triton` (imported only on demand, triton itself lazily): generated
-  Triton kernels for channelwise message passing, registered with
-  :func:`torsion.kernels.triton.register_triton_backend`; with ``TRITON_INTERPRET=1``
-  they also run on CPU tensors;
+  force-training recipe under ``torch.compile``). The CUDA backend ``triton``
+  (:mod:`torsion.kernels.triton`, triton itself imported lazily) is registered too, with
+  the highest priority, and ``"auto"`` picks it for the CUDA requests it supports:
+  generated Triton kernels for channelwise message passing (with ``TRITON_INTERPRET=1``
+  they also run on CPU tensors, when named);
 * :func:`convert_layout` between the ``mul_ir`` and ``ir_mul`` tensor layouts.
 """
 
@@ -41,9 +41,11 @@ from torsion.kernels._registry import (
     unregister_backend,
 )
 from torsion.kernels._torch import TorchBackend, torch_conv, torch_tensor_product
+from torsion.kernels.triton._backend import TritonBackend
 
 register_backend(ReferenceBackend())
 register_backend(TorchBackend())
+register_backend(TritonBackend())
 
 __all__ = [
     "KERNEL_OPS",

@@ -56,6 +56,10 @@ class BackendSupport:
         layouts: tensor layouts (``"mul_ir"``, ``"ir_mul"``).
         max_derivative_order: highest derivative order its outputs support (``2`` for
             double backward, i.e. force training); ``None`` means any order.
+        auto_devices: the device types on which ``resolve(backend="auto")`` may pick it;
+            ``None`` (default) means every device it supports. A backend that can also
+            run elsewhere only slowly (Triton's CPU interpreter) is then used there only
+            when named.
     """
 
     ops: frozenset[str]
@@ -63,6 +67,7 @@ class BackendSupport:
     dtypes: frozenset[torch.dtype]
     layouts: frozenset[str]
     max_derivative_order: int | None
+    auto_devices: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.ops) - set(KERNEL_OPS)
@@ -250,7 +255,8 @@ def resolve(
         dtype: their floating dtype.
         op: ``"tensor_product"`` (default) or ``"conv"``.
         backend: ``"auto"`` (default) for the available backend of highest priority that
-            supports the request, or a registered name to insist on that backend.
+            supports the request (and lists the device type in its ``auto_devices``),
+            or a registered name to insist on that backend.
         derivative_order: how many times the caller will differentiate the output: ``0``
             (inference), ``1`` (training; default) or ``2`` (forces in the loss, i.e.
             double backward).
@@ -281,6 +287,9 @@ def resolve(
                 reason = candidate.unsupported_reason(
                     descriptor, device, dtype, op, derivative_order
                 )
+            auto_devices = candidate.support.auto_devices
+            if reason is None and auto_devices is not None and device.type not in auto_devices:
+                reason = f"'auto' picks it only on {sorted(auto_devices)} (name it to use it)"
             if reason is None:
                 return candidate
             reasons.append(f"{candidate.name}: {reason}")

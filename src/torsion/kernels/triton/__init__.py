@@ -5,8 +5,9 @@
   of every backend, :data:`torsion.kernels.REDUCTIONS`), differentiable to any order
   (every derivative is another fused kernel);
 * :func:`triton_tensor_product`: the tensor product itself, on the same kernels;
-* :class:`TritonBackend` and :func:`register_triton_backend`: the ``triton`` registry
-  backend (not registered by :mod:`torsion.kernels` at import);
+* :class:`TritonBackend`: the ``triton`` registry backend, registered by
+  :mod:`torsion.kernels` at import; ``backend="auto"`` picks it for the CUDA requests it
+  supports. :func:`register_triton_backend` swaps in another reduction;
 * :func:`kernel_source_path`, :func:`cache_dir`: the generated kernel source of a
   descriptor, cached on disk across runs.
 

@@ -1,4 +1,4 @@
-"""The ``triton`` registry backend and its opt-in registration."""
+"""The ``triton`` registry backend (registered by :mod:`torsion.kernels` at import)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ class TritonBackend(Backend):
     Runs descriptors made of ``uvu`` paths whose ``irreps_in2`` blocks have multiplicity 1
     (NequIP/MACE message passing), in float32 and float64, in both layouts, to any
     derivative order, on CUDA devices. With ``TRITON_INTERPRET=1`` set it also accepts
-    CPU tensors (Triton's interpreter; slow, for tests). See :func:`triton_conv`.
+    CPU tensors (Triton's interpreter; slow, for tests), but only when named:
+    ``backend="auto"`` picks it for CUDA tensors alone. See :func:`triton_conv`.
+
+    :mod:`torsion.kernels` registers one with ``reduction="auto"`` at import (unavailable,
+    and skipped by ``"auto"``, when triton is not installed);
+    :func:`register_triton_backend` swaps in another reduction.
 
     Args:
         reduction: the scatter-sum of :meth:`conv`, ``"auto"`` (default, ``"sorted"``),
@@ -40,6 +45,7 @@ class TritonBackend(Backend):
         dtypes=frozenset({torch.float32, torch.float64}),
         layouts=frozenset(LAYOUTS),
         max_derivative_order=None,
+        auto_devices=frozenset({"cuda"}),
     )
 
     def __init__(self, reduction: Reduction = "auto") -> None:
@@ -106,34 +112,35 @@ class TritonBackend(Backend):
 def register_triton_backend(
     reduction: Reduction = "auto", *, replace: bool = False
 ) -> TritonBackend:
-    """Add the ``triton`` backend to the registry (it is not registered at import).
+    """Register the ``triton`` backend with the given reduction.
 
-    Once registered, ``backend="triton"`` selects it, and ``backend="auto"`` prefers it
-    (priority 20, above ``torch``) for the requests it supports: CUDA tensors, or CPU
-    tensors while ``TRITON_INTERPRET=1`` is set.
+    :mod:`torsion.kernels` already registers one with ``reduction="auto"``; this swaps
+    it for one with another reduction (a :class:`TritonBackend` already registered is
+    replaced, or returned as it is when its reduction matches). ``backend="triton"``
+    selects it, and ``backend="auto"`` prefers it (priority 20, above ``torch``) for the
+    CUDA requests it supports.
 
     Args:
         reduction: ``"auto"`` (default, ``"sorted"``), ``"sorted"`` or ``"scatter"``.
-        replace: replace a backend already registered as ``"triton"``. Default ``False``:
-            registering twice returns the registered backend if its reduction matches.
+        replace: replace a backend of another class registered as ``"triton"``.
 
     Returns:
         The registered backend.
 
     Raises:
-        ValueError: for an unknown ``reduction``, or when a ``"triton"`` backend with
-            another reduction is registered and ``replace`` is false.
+        ValueError: for an unknown ``reduction``, or when a backend of another class is
+            registered as ``"triton"`` and ``replace`` is false.
     """
     backend = TritonBackend(reduction)
-    if not replace:
-        try:
-            existing = get_backend("triton")
-        except ValueError:
-            existing = None
-        if existing is not None:
-            if isinstance(existing, TritonBackend) and existing.reduction == reduction:
-                return existing
-            raise ValueError(
-                f"a 'triton' backend is already registered ({existing!r}); pass replace=True"
-            )
-    return register_backend(backend, replace=replace)
+    try:
+        existing = get_backend("triton")
+    except ValueError:
+        existing = None
+    if isinstance(existing, TritonBackend):
+        if existing.reduction == reduction:
+            return existing
+    elif existing is not None and not replace:
+        raise ValueError(
+            f"a 'triton' backend is already registered ({existing!r}); pass replace=True"
+        )
+    return register_backend(backend, replace=True)
