@@ -456,6 +456,41 @@ def test_package_imports_without_triton():
     assert "triton is not installed" in result.stdout
 
 
+def _check_contention(device, num_nodes, num_edges, channels, repeats):
+    """Every edge runs from one of two senders into one of two receivers: the most atomic
+    adds on the same addresses (the forward, and the transposed program of the ``x``
+    gradient). Every reduction agrees with the reference on every run, and the sorted one
+    gives the same bits each time."""
+    generator = torch.Generator().manual_seed(3)
+    with _default_float64():
+        d = TPDescriptor.channelwise(
+            f"{channels}x0e+{channels}x1o", "0e+1o", "0e+1o", layout="ir_mul"
+        )
+    leaves = [
+        t.detach().to(device).requires_grad_()
+        for t in _inputs(d, generator, num_nodes, num_edges, F64)
+    ]
+    src, dst = (torch.randint(0, 2, (num_edges,), generator=generator).to(device) for _ in "sd")
+    expected = reference_conv(d, *leaves, src, dst, num_nodes)
+    cotangent = torch.randn(expected.shape, generator=generator, dtype=F64).to(device)
+    want = [expected, *torch.autograd.grad(expected, leaves, cotangent)]
+    for reduction in REDUCTIONS:
+        runs = []
+        for _ in range(repeats):
+            out = triton_conv(d, *leaves, src, dst, num_nodes, reduction=reduction)
+            runs.append([out, *torch.autograd.grad(out, leaves, cotangent)])
+        for run in runs:
+            for got, ref in zip(run, want, strict=True):
+                _assert_close(got, ref, F64)
+        if reduction != "scatter":
+            for run in runs[1:]:
+                assert all(torch.equal(p, q) for p, q in zip(run, runs[0], strict=True))
+
+
+def test_contended_receivers_and_senders():
+    _check_contention("cpu", num_nodes=5, num_edges=40, channels=4, repeats=2)
+
+
 # -- on a GPU -----------------------------------------------------------------------------
 
 
@@ -489,6 +524,13 @@ def test_compiled_kernels_on_cuda_large_graph(dtype, monkeypatch):
         strict=True,
     ):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+def test_contended_receivers_and_senders_on_cuda(monkeypatch):
+    """Races: 200,000 edges into two receivers from two senders, three runs each."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _check_contention("cuda", num_nodes=100, num_edges=200_000, channels=32, repeats=3)
 
 
 @pytest.mark.gpu
