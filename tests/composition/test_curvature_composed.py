@@ -32,6 +32,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import global_mean_pool
 
 from torsion.curvature import (
+    EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
     SharpnessMonitor,
@@ -86,24 +87,78 @@ class DenseRiemannianHessian:
     spectrum: Tensor
 
 
-def _flat_loss(model: nn.Module, loss_fn, data) -> tuple[Any, Tensor, list]:
+def _flat_model(model: nn.Module) -> tuple[Any, Tensor, list]:
+    """``call(t, inputs)``: the model (a deep copy in eval mode) at the flat parameters
+    ``t``; the flat parameters; the selected ``(name, parameter)`` pairs."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
     theta = torch.cat([params[n].detach().reshape(-1) for n in names])
     reference = copy.deepcopy(model).eval()
-    batches = [data] if isinstance(data, tuple) else list(data)
-    total = sum(len(y) for _, y in batches)
 
-    def loss(t: Tensor) -> Tensor:
+    def call(t: Tensor, inputs: Any) -> Any:
         pieces = t.split([s.numel() for s in shapes])
         state = {n: p.reshape(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
-        return sum(
-            len(y) / total * loss_fn(torch.func.functional_call(reference, state, tuple(x)), y)
-            for x, y in batches
-        )
+        return torch.func.functional_call(reference, state, tuple(inputs))
 
-    return loss, theta, [(n, params[n]) for n in names]
+    return call, theta, [(n, params[n]) for n in names]
+
+
+def _batches_of(data) -> tuple[list, int]:
+    batches = [data] if isinstance(data, tuple) else list(data)
+    return batches, sum(len(y) for _, y in batches)
+
+
+def _flat_loss(model: nn.Module, loss_fn, data) -> tuple[Any, Tensor, list]:
+    call, theta, named = _flat_model(model)
+    batches, total = _batches_of(data)
+
+    def loss(t: Tensor) -> Tensor:
+        return sum(len(y) / total * loss_fn(call(t, x), y) for x, y in batches)
+
+    return loss, theta, named
+
+
+def _rows_of_gradients(values: Tensor, t: Tensor) -> Tensor:
+    """The gradients of every entry of ``values`` with respect to ``t``, one per row (plain
+    autograd, one backward each)."""
+    rows = []
+    for value in values.reshape(-1):
+        (row,) = torch.autograd.grad(value, t, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(t) if row is None else row)
+    return torch.stack(rows)
+
+
+def dense_ggn_by_autograd(model: nn.Module, loss_fn, data) -> Tensor:
+    """``sum_b (n_b / N) J_b^T H_b J_b``: the Jacobian row by row, the loss Hessian at the
+    outputs by autograd (independent of the double-vjp trick the operator uses)."""
+    call, theta, _ = _flat_model(model)
+    batches, total = _batches_of(data)
+    ggn = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    for x, y in batches:
+        t = theta.clone().requires_grad_()
+        out = call(t, x)
+        jacobian = _rows_of_gradients(out, t)
+        point = out.detach().reshape(-1)
+        h = torch.autograd.functional.hessian(
+            lambda o, s=out.shape, y=y: loss_fn(o.reshape(s), y), point
+        )
+        ggn += len(y) / total * jacobian.T @ h @ jacobian
+    return ggn
+
+
+def dense_fisher_by_autograd(model: nn.Module, loss_fn, data) -> Tensor:
+    """``(1/N) sum_i g_i g_i^T`` from one backward per sample."""
+    call, theta, _ = _flat_model(model)
+    batches, total = _batches_of(data)
+    grads = []
+    for x, y in batches:
+        for i in range(len(y)):
+            t = theta.clone().requires_grad_()
+            loss = loss_fn(call(t, [a[i : i + 1] for a in x]), y[i : i + 1])
+            grads.append(_rows_of_gradients(loss, t)[0])
+    g = torch.stack(grads)
+    return g.T @ g / total
 
 
 def dense_riemannian_hessian(model: nn.Module, loss_fn, data) -> DenseRiemannianHessian:
@@ -391,9 +446,35 @@ def test_force_losses_take_the_double_backward_path():
             hvp(f, params, v, method=method)
         with pytest.raises(RuntimeError, match=r"torch\.func"):
             HessianOperator(problem.model, problem.loss_fn, problem.splits, method=method) @ v
-    # the GGN has no autograd-only form: a clear error, not torch's
-    with pytest.raises(RuntimeError, match=r"GGNOperator evaluates the model under torch\.func"):
-        GGNOperator(problem.model, problem.loss_fn, problem.data) @ v
+
+
+@pytest.mark.parametrize(
+    ("make_problem", "operator", "oracle", "torch_func_runs"),
+    [
+        (_potential_problem, GGNOperator, dense_ggn_by_autograd, False),
+        (_spdnet_problem, GGNOperator, dense_ggn_by_autograd, True),
+        (_spdnet_problem, EmpiricalFisherOperator, dense_fisher_by_autograd, True),
+    ],
+    ids=["potential-ggn", "spdnet-ggn", "spdnet-fisher"],
+)
+def test_ggn_and_fisher_on_composed_models(make_problem, operator, oracle, torch_func_runs):
+    """The GGN and the empirical Fisher equal dense matrices built by plain autograd, on one
+    batch and on splits, by both methods. torch.func cannot run the force-trained
+    potential (its forward calls ``torch.autograd.grad``): ``"auto"`` falls back to
+    autograd and keeps that choice, ``"torch_func"`` names the problem. (The SPDNet's
+    first derivatives do run under torch.func.)"""
+    problem = make_problem()
+    dense = oracle(problem.model, problem.loss_fn, problem.data)
+    v = torch.randn(dense.shape[0], 3, generator=torch.Generator().manual_seed(4), dtype=F64)
+    for data in (problem.data, problem.splits):
+        for method in ("auto", "autograd"):
+            op = operator(problem.model, problem.loss_fn, data, method=method)
+            torch.testing.assert_close(op @ v, dense @ v, atol=1e-10, rtol=1e-9)
+            fell_back = method == "auto" and not torch_func_runs
+            assert op.method == ("autograd" if fell_back else method)
+    if not torch_func_runs:
+        with pytest.raises(RuntimeError, match="use method='autograd'"):
+            operator(problem.model, problem.loss_fn, problem.data, method="torch_func") @ v
 
 
 def test_both_kernel_backends_give_the_same_riemannian_hessian():

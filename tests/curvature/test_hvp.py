@@ -153,7 +153,8 @@ def test_jvp_vjp(problem, generator):
     )
 
 
-def test_ggn_matches_dense(problem, generator):
+@pytest.mark.parametrize("method", ["auto", "torch_func", "autograd"])
+def test_ggn_matches_dense(problem, generator, method):
     params, model, loss_of_outputs, _, _ = problem
     theta = LAYOUT.flatten(params)
     jac = torch.func.jacrev(lambda t: model(LAYOUT.unflatten(t)))(theta).reshape(14, N)
@@ -161,11 +162,48 @@ def test_ggn_matches_dense(problem, generator):
     h_loss = torch.func.hessian(lambda o: loss_of_outputs(o.reshape(7, 2)))(out0.reshape(-1))
     dense = jac.T @ h_loss @ jac
     v = _random_tree(generator)
-    out = ggn_vp(model, loss_of_outputs, params, v)
+    out = ggn_vp(model, loss_of_outputs, params, v, method=method)
     torch.testing.assert_close(LAYOUT.flatten(out), dense @ LAYOUT.flatten(v), atol=1e-10, rtol=0)
     V = _random_tree(generator, k=3)
-    out = ggn_vp(model, loss_of_outputs, params, V, block=True)
+    out = ggn_vp(model, loss_of_outputs, params, V, block=True, method=method)
     torch.testing.assert_close(LAYOUT.flatten(out), dense @ LAYOUT.flatten(V), atol=1e-10, rtol=0)
+    assert all(not t.requires_grad for t in out.values())
+
+
+def test_ggn_by_autograd_on_a_model_torch_func_cannot_run(problem, generator):
+    """A model whose forward calls ``torch.autograd.grad`` (like forces): the outputs are
+    the input gradient of a potential, and some outputs form a tuple. ``auto`` falls back
+    to autograd and matches a dense GGN built row by row with autograd; ``torch_func``
+    names the problem."""
+    params, _, _, _, _ = problem
+    x = torch.randn(7, 3, dtype=torch.float64, generator=generator)
+
+    def model(p):
+        pos = x.clone().requires_grad_()
+        energy = (torch.tanh(pos @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]).pow(2).sum()
+        (force,) = torch.autograd.grad(-energy, pos, create_graph=True)
+        return energy.reshape(1), force
+
+    def loss(outputs):
+        energy, force = outputs
+        return energy.square().sum() / 10 + (force - 1).pow(2).mean() + force.pow(3).mean() / 5
+
+    theta = LAYOUT.flatten(params).requires_grad_()
+    energy, force = model(LAYOUT.unflatten(theta))
+    flat_out = torch.cat([energy, force.reshape(-1)])
+    jac = torch.stack(
+        [torch.autograd.grad(o, theta, retain_graph=True)[0] for o in flat_out]
+    )  # (22, N)
+    point = flat_out.detach()
+    h_loss = torch.func.hessian(lambda o: loss((o[:1], o[1:].reshape(7, 3))))(point)
+    dense = jac.T @ h_loss @ jac
+    V = _random_tree(generator, k=2)
+    out = ggn_vp(model, loss, params, V, block=True)
+    torch.testing.assert_close(LAYOUT.flatten(out), dense @ LAYOUT.flatten(V), atol=1e-10, rtol=0)
+    with pytest.raises(RuntimeError, match="use method='autograd'"):
+        ggn_vp(model, loss, params, V, block=True, method="torch_func")
+    with pytest.raises(ValueError, match="unknown method"):
+        ggn_vp(model, loss, params, V, block=True, method="finite_differences")
 
 
 @pytest.mark.parametrize("method", METHODS)

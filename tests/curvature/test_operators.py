@@ -147,8 +147,10 @@ class TestModelOperators(LinearOperatorSuite):
             whole = (x, y)
             data = [_batches(x, y, cuts) for cuts in SPLITS]
         model.train()  # the operators must use eval semantics anyway and leave this alone
+        # GGN and Fisher: torch.func (auto) and the autograd forms must both equal the oracle
+        methods = [{}] if cls is HessianOperator else [{}, {"method": "autograd"}]
         return OperatorCase(
-            operators=[cls(model, loss_fn, d) for d in data],
+            operators=[cls(model, loss_fn, d, **kw) for d in data for kw in methods],
             dense=ORACLES[cls](model, loss_fn, whole),
             model=model,
         )

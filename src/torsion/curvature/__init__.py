@@ -14,7 +14,7 @@ Riemannian curvature reaches manifolds only through the structural :class:`Tange
 protocol, so this package never imports :mod:`torsion.manifolds`.
 """
 
-from torsion.curvature._hvp import GradientGraph, HVPMethod, ggn_vp, hvp, jvp, vjp
+from torsion.curvature._hvp import GGNMethod, GradientGraph, HVPMethod, ggn_vp, hvp, jvp, vjp
 from torsion.curvature._linop import DenseOperator, LinearOperator, TangentSpace
 from torsion.curvature._monitor import SharpnessMonitor
 from torsion.curvature._operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
@@ -34,6 +34,7 @@ __all__ = [
     "DiagonalEstimate",
     "EigshResult",
     "EmpiricalFisherOperator",
+    "GGNMethod",
     "GGNOperator",
     "GradientGraph",
     "HVPMethod",

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["GradientGraph", "HVPMethod", "ggn_vp", "hvp", "jvp", "vjp"]
+__all__ = ["GGNMethod", "GradientGraph", "HVPMethod", "ggn_vp", "hvp", "jvp", "vjp"]
 
 HVPMethod = Literal["auto", "double_backward", "forward_over_reverse", "reverse_over_reverse"]
 _METHODS = ("auto", "double_backward", "forward_over_reverse", "reverse_over_reverse")
@@ -411,6 +411,10 @@ def vjp(f: Callable[[Any], Any], params: Any, u: Any) -> tuple[Any, Any]:
     return out, pullback(u)[0]
 
 
+GGNMethod = Literal["auto", "torch_func", "autograd"]
+GGN_METHODS = ("auto", "torch_func", "autograd")
+
+
 def ggn_vp(
     model_fn: Callable[[Any], Any],
     loss_fn: Callable[[Any], Tensor],
@@ -418,13 +422,25 @@ def ggn_vp(
     v: Any,
     *,
     block: bool = False,
+    method: GGNMethod = "auto",
 ) -> Any:
     """Generalized Gauss-Newton product ``J^T H_loss J v``.
 
     ``J`` is the Jacobian of ``model_fn`` (params -> outputs) at ``params``, ``H_loss`` the
-    Hessian of ``loss_fn`` (outputs -> scalar) at the outputs. ``J v`` is forward mode,
-    ``H_loss`` reverse-over-reverse on the outputs and ``J^T`` one pullback; the two
-    linearisations are built once and vmapped over a block.
+    Hessian of ``loss_fn`` (outputs -> scalar) at the outputs. Two ways, same product:
+
+    * ``"torch_func"``: ``J v`` by forward mode, ``H_loss`` reverse-over-reverse on the
+      outputs and ``J^T`` one pullback; the linearisations are built once and vmapped over
+      a block;
+    * ``"autograd"``: plain autograd, for models torch.func cannot transform (a forward
+      that calls ``torch.autograd.grad``, e.g. forces; custom ops without functorch rules).
+      ``u -> J^T u`` is linear, so ``J v`` is the gradient of ``<J^T u, v>`` with respect to
+      ``u`` (the double-vjp trick); then ``H_loss J v`` by double backward at the outputs
+      and ``J^T`` by one more backward. The graphs are built once per call; each vector
+      costs three backwards.
+
+    ``"auto"`` (default) takes ``"torch_func"`` and falls back to ``"autograd"`` when
+    torch.func cannot run the model.
 
     Args:
         model_fn: parameter pytree -> outputs (a tensor or pytree).
@@ -432,15 +448,50 @@ def ggn_vp(
         params: the point (never modified).
         v: a pytree like ``params``, or a block with ``block=True``.
         block: treat ``v`` as a block of vectors (leading ``k`` on every leaf).
+        method: ``"auto"``, ``"torch_func"`` or ``"autograd"``.
 
     Shapes:
         ``v`` and the result like ``params`` (with a leading ``k`` for a block).
 
     Raises:
-        ValueError: ``loss_fn`` is not scalar-valued or ``v`` does not match ``params``.
+        ValueError: ``loss_fn`` is not scalar-valued, ``v`` does not match ``params``, or
+            an unknown ``method``.
+        RuntimeError: ``method="torch_func"`` on a model torch.func cannot transform.
     """
+    return ggn_vp_and_method(model_fn, loss_fn, params, v, block=block, method=method)[0]
+
+
+def ggn_vp_and_method(
+    model_fn: Callable[[Any], Any],
+    loss_fn: Callable[[Any], Tensor],
+    params: Any,
+    v: Any,
+    *,
+    block: bool = False,
+    method: GGNMethod = "auto",
+) -> tuple[Any, str]:
+    """:func:`ggn_vp`, and the method that computed it (``"auto"`` resolved), so that a
+    caller repeating products can skip a torch.func attempt that failed once."""
+    if method not in GGN_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {GGN_METHODS}")
     _check_like(params, v, block)
     v = _align(params, v)
+    if method == "autograd":
+        return _autograd_ggn_vp(model_fn, loss_fn, params, v, block), method
+    try:
+        return _torch_func_ggn_vp(model_fn, loss_fn, params, v, block), "torch_func"
+    except RuntimeError as error:
+        if not not_transformable(error):
+            raise
+        if method == "auto":
+            return _autograd_ggn_vp(model_fn, loss_fn, params, v, block), "autograd"
+        raise RuntimeError(
+            f"ggn_vp(method='torch_func') runs the model under torch.func transforms, which "
+            f"it does not support: {error}; use method='autograd' (the same product)"
+        ) from error
+
+
+def _torch_func_ggn_vp(model_fn, loss_fn, params, v, block: bool) -> Any:
     outputs, pullback = torch.func.vjp(model_fn, params)
     _, loss_pullback = torch.func.vjp(torch.func.grad(_scalar(loss_fn, "loss_fn")), outputs)
 
@@ -449,3 +500,26 @@ def ggn_vp(
         return pullback(loss_pullback(ju)[0])[0]
 
     return torch.func.vmap(one)(v) if block else one(v)
+
+
+def _autograd_ggn_vp(model_fn, loss_fn, params, v, block: bool) -> Any:
+    leaves, rebuild = _leaves(params, "params")
+    inputs = _fresh(leaves)
+    with torch.enable_grad():
+        outputs, rebuild_outputs = _leaves(model_fn(rebuild(inputs)), "model outputs")
+        probes = [torch.zeros_like(o, requires_grad=True) for o in outputs]
+        pulled = _grad_or_zeros(outputs, inputs, probes, create_graph=True)  # J^T u
+        points = _fresh(outputs)
+        loss = _scalar(loss_fn, "loss_fn")(rebuild_outputs(points))
+        loss_grads = _grad_or_zeros([loss], points, [None], create_graph=True)
+
+        def one(u: list[Tensor]) -> list[Tensor]:
+            ju = _grad_or_zeros(pulled, probes, u, retain_graph=True)
+            hju = _grad_or_zeros(loss_grads, points, ju, retain_graph=True)
+            return _grad_or_zeros(outputs, inputs, hju, retain_graph=True)
+
+        v_leaves, _ = _leaves(v, "v")
+        if not block:
+            return rebuild([g.detach() for g in one(v_leaves)])
+        columns = [one([x[i] for x in v_leaves]) for i in range(v_leaves[0].shape[0])]
+        return rebuild([torch.stack(c).detach() for c in zip(*columns, strict=True)])

@@ -41,9 +41,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torsion.curvature._hvp import (
+    GGN_METHODS,
+    GGNMethod,
     GradientGraph,
     autograd_gradient,
-    ggn_vp,
+    ggn_vp_and_method,
     hvp_and_method,
     not_transformable,
 )
@@ -77,24 +79,6 @@ def _eval_semantics(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-@contextlib.contextmanager
-def _under_torch_func(operator: str) -> Iterator[None]:
-    """Name the problem when a model cannot run under the torch.func transforms an
-    operator's products are made of (no autograd-only fallback exists for them)."""
-    try:
-        yield
-    except RuntimeError as error:
-        if not not_transformable(error):
-            raise
-        raise RuntimeError(
-            f"{operator} evaluates the model under torch.func transforms (jvp, vjp, vmap), "
-            f"which this model does not support: {error} (a forward that calls "
-            "torch.autograd.grad, e.g. forces, or custom ops / autograd.Functions without "
-            "functorch support, e.g. the 'torch' kernel backend); HessianOperator works "
-            "with autograd alone"
-        ) from error
 
 
 def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[int]]:
@@ -396,7 +380,13 @@ class GGNOperator(_ModelOperator):
     selected parameters, ``H_loss,b`` the Hessian of ``loss_fn(., targets_b)`` at the
     outputs (see :func:`~torsion.curvature._hvp.ggn_vp`). Positive semi-definite for
     convex losses (MSE, cross-entropy). Arguments (``distributed`` included) as in
-    :class:`HessianOperator`.
+    :class:`HessianOperator`, and:
+
+    Args:
+        method: ``"auto"`` (default): torch.func (forward mode, vmapped over blocks), or
+            plain autograd when torch.func cannot run the model (forces, custom ops
+            without functorch rules; chosen at the first product and kept);
+            ``"torch_func"`` or ``"autograd"`` to insist.
 
     Shapes:
         ``(n, n)``; pytrees keyed by parameter name.
@@ -409,22 +399,28 @@ class GGNOperator(_ModelOperator):
         data: Any,
         params: Any = None,
         *,
+        method: GGNMethod = "auto",
         distributed: bool | None = None,
     ):
         super().__init__(model, loss_fn, data, params, distributed)
+        _check_method(method)
+        self.method = method
 
     def _matmat(self, V: Tensor) -> Tensor:
         tree = self.unflatten(V)
         total = torch.zeros_like(V)
-        with _eval_semantics(self._model), _under_torch_func("GGNOperator"):
+        with _eval_semantics(self._model):
             for (inputs, targets), w in zip(self._batches, self._weights, strict=True):
-                out = ggn_vp(
+                out, used = ggn_vp_and_method(
                     self._outputs_fn(inputs),
                     self._loss_of_outputs(targets),
                     self._params,
                     tree,
                     block=True,
+                    method=self.method,
                 )
+                if used == "autograd":
+                    self.method = used  # "auto" fell back: skip torch.func from now on
                 total = total + w * self.flatten(out)
         return self._all_reduce(total)
 
@@ -435,10 +431,14 @@ class EmpiricalFisherOperator(_ModelOperator):
     ``g_i`` is the gradient of the per-sample loss ``l_i = loss_fn(model(x_i), y_i)``,
     evaluated on a batch of one sample, so that for a mean-reduced loss the full-data loss
     is ``(1/N) sum_i l_i`` (curvlinops' convention for ``reduction="mean"``). Per-sample
-    gradients come from ``vmap(grad)`` one batch at a time: memory ``n_b * n`` per batch.
-    Arguments (``distributed`` included) as in :class:`HessianOperator`; ``inputs`` and
-    ``targets`` must have the
-    sample dimension first.
+    gradients come one batch at a time (memory ``n_b * n`` per batch). Arguments
+    (``distributed`` included) as in :class:`HessianOperator`; ``inputs`` and ``targets``
+    must have the sample dimension first; and:
+
+    Args:
+        method: ``"auto"`` (default): ``vmap(grad)`` over the samples of a batch, or one
+            autograd backward per sample when torch.func cannot run the model (chosen at
+            the first product and kept); ``"torch_func"`` or ``"autograd"`` to insist.
 
     Shapes:
         ``(n, n)``; pytrees keyed by parameter name.
@@ -451,12 +451,38 @@ class EmpiricalFisherOperator(_ModelOperator):
         data: Any,
         params: Any = None,
         *,
+        method: GGNMethod = "auto",
         distributed: bool | None = None,
     ):
         super().__init__(model, loss_fn, data, params, distributed)
+        _check_method(method)
+        self.method = method
 
     def _per_sample_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
-        frozen, args = self._frozen(), _call_args(inputs)
+        """The gradients ``g_i`` of a batch as the columns of ``(n, n_b)``."""
+        args = _call_args(inputs)
+        if self.method != "autograd":
+            try:
+                return self._vmapped_gradients(args, targets)
+            except RuntimeError as error:
+                if not not_transformable(error):
+                    raise
+                if self.method == "torch_func":
+                    raise RuntimeError(
+                        f"EmpiricalFisherOperator(method='torch_func') runs the model under "
+                        f"vmap(grad), which it does not support: {error}; use "
+                        "method='autograd' (the same operator)"
+                    ) from error
+                self.method = "autograd"  # "auto" fell back: skip torch.func from now on
+        columns = []
+        for i in range(targets.shape[0]):
+            sample = (tuple(a[i : i + 1] for a in args), targets[i : i + 1])
+            gradient = autograd_gradient(self._loss_fn_of_params(sample), self._params)
+            columns.append(self.flatten(gradient))
+        return torch.stack(columns, dim=1)
+
+    def _vmapped_gradients(self, args: tuple, targets: Tensor) -> Tensor:
+        frozen = self._frozen()
 
         def sample_loss(params: dict[str, Tensor], x: Sequence[Tensor], y: Tensor) -> Tensor:
             state = {**frozen, **params}
@@ -470,8 +496,13 @@ class EmpiricalFisherOperator(_ModelOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         total = torch.zeros_like(V)
-        with _eval_semantics(self._model), _under_torch_func("EmpiricalFisherOperator"):
+        with _eval_semantics(self._model):
             for inputs, targets in self._batches:
                 G = self._per_sample_gradients(inputs, targets)
                 total = total + G @ (G.mT @ V)
         return self._all_reduce(total) / self._total
+
+
+def _check_method(method: str) -> None:
+    if method not in GGN_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {GGN_METHODS}")
