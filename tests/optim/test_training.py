@@ -28,7 +28,13 @@ from torsion.manifolds import (
     Stiefel,
 )
 from torsion.optim import RiemannianAdam, RiemannianSGD
-from torsion.optim._grouping import CPU_BATCH_BYTES, manifold_key, split_into_batches
+from torsion.optim import _grouping as grouping
+from torsion.optim._grouping import (
+    CPU_BATCH_BYTES,
+    Workspace,
+    manifold_key,
+    split_into_batches,
+)
 
 F64 = torch.float64
 
@@ -255,6 +261,47 @@ def test_batched_update_equals_one_parameter_at_a_time(optimizer):
     want = _train(b, ours_cls(b, foreach=False, **options))
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_chunks_through_the_reused_workspace_equal_one_parameter_at_a_time(optimizer, monkeypatch):
+    """CPU batches cut into chunks of two and one (the last one stacks into a prefix of
+    the reused buffers): iterates and optimizer state equal the unbatched path's."""
+    monkeypatch.setattr(grouping, "CPU_BATCH_BYTES", 2 * 5 * 2 * 8)
+    ours_cls, _, options = OPTIMIZERS[optimizer]
+
+    def params():
+        g = _gen(5)
+        stiefel = Stiefel()
+        return [ManifoldParameter(_frame((5, 2), g), manifold=stiefel) for _ in range(5)]
+
+    a, b = params(), params()
+    batched, single = ours_cls(a, **options), ours_cls(b, foreach=False, **options)
+    assert [len(c.params) for c in split_into_batches(a, batched=True)[1]] == [2, 2, 1]
+    for x, y in zip(_train(a, batched), _train(b, single), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    for p, q in zip(a, b, strict=True):
+        for key, value in batched.state[p].items():
+            torch.testing.assert_close(value, single.state[q][key], rtol=1e-12, atol=1e-12)
+
+
+def test_workspace_reuses_one_buffer_per_role_and_shape():
+    workspace = Workspace()
+    g = _gen(0)
+    tensors = [torch.randn(3, 2, generator=g) for _ in range(4)]
+    copies = [t.clone() for t in tensors]
+    first = workspace.stack(tensors, "x")
+    torch.testing.assert_close(first, torch.stack(copies), rtol=0, atol=0)
+    first.mul_(0)  # the update works in place on the stack, never on the inputs
+    for t, c in zip(tensors, copies, strict=True):
+        assert torch.equal(t, c)
+    second = workspace.stack(tensors[:2], "x")  # a smaller chunk: a prefix, same storage
+    assert second.data_ptr() == first.data_ptr() and second.shape == (2, 3, 2)
+    torch.testing.assert_close(second, torch.stack(copies[:2]), rtol=0, atol=0)
+    other = workspace.stack(tensors, "grad")  # another role: another buffer
+    assert other.data_ptr() != first.data_ptr()
+    grown = workspace.stack(tensors + tensors, "x")  # a larger chunk grows the buffer
+    torch.testing.assert_close(grown, torch.stack(copies + copies), rtol=0, atol=0)
 
 
 def test_parameters_without_gradients_are_skipped_and_get_no_state():

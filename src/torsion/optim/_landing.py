@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from torsion.manifolds import Stiefel
-from torsion.optim._grouping import Batch, manifold_of, stack, write_back
+from torsion.optim._grouping import Batch, manifold_of, write_back
 from torsion.optim._riemannian import (
     _accumulate,
     _BatchedRiemannianOptimizer,
@@ -257,11 +257,11 @@ class Landing(_BatchedRiemannianOptimizer):
     def _update_batch(self, group: dict[str, Any], batch: Batch) -> None:
         params = batch.params
         momentum = group["momentum"]
-        x = stack(params)
-        gradient = stack([p.grad for p in params])
+        x = self._stack(params, "x")
+        gradient = self._stack([p.grad for p in params], "grad")
         if momentum != 0:
             buffers, held = _momentum_buffers(self.state, params)
-            buffer = _accumulate(buffers, held, gradient, momentum, group["dampening"])
+            buffer = _accumulate(self._stack, buffers, held, gradient, momentum, group["dampening"])
             write_back(buffers, buffer)
             gradient = gradient.add(buffer, alpha=momentum) if group["nesterov"] else buffer
         psi = relative_gradient(x, gradient)

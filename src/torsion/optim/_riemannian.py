@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 
-from torsion.optim._grouping import Batch, manifold_key, split_into_batches, stack, write_back
+from torsion.optim._grouping import Batch, Workspace, manifold_key, split_into_batches, write_back
 
 __all__ = ["RiemannianAdam", "RiemannianSGD"]
 
@@ -105,9 +105,11 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         _check_stabilize(defaults.get("stabilize"))
         super().__init__(params, defaults)
+        self._workspace = Workspace()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._workspace = Workspace()  # scratch, never pickled or copied
         for group in self.param_groups:
             group.setdefault("stabilize", None)
             group.setdefault("foreach", True)
@@ -132,6 +134,11 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
 
     def _batches(self, params: list[Tensor], group: dict[str, Any]):
         return split_into_batches(params, batched=group["foreach"], key=self._batch_key)
+
+    def _stack(self, tensors: list[Tensor], role: str) -> Tensor:
+        """The tensors of one chunk stacked, in the reused buffer of ``role`` (on a CPU;
+        see :class:`~torsion.optim._grouping.Workspace`)."""
+        return self._workspace.stack(tensors, role)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -184,7 +191,7 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
     def _stabilize_group(self, group: dict[str, Any]) -> None:
         _, batches = self._batches(list(group["params"]), group)
         for batch in batches:
-            points = batch.manifold.projx(stack(batch.params))
+            points = batch.manifold.projx(self._stack(batch.params, "x"))
             write_back(batch.params, points)
             for key in self._momentum_keys:
                 held = [  # .get: no empty state entry for a parameter that never stepped
@@ -196,7 +203,7 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
                     continue
                 at = points if len(held) == len(batch.params) else points[held]
                 momenta = [self.state[batch.params[i]][key] for i in held]
-                write_back(momenta, batch.manifold.proju(at, stack(momenta)))
+                write_back(momenta, batch.manifold.proju(at, self._stack(momenta, key)))
 
 
 def _raise_on_non_finite_gradients(owner: str, params: list[Tensor], error: Exception) -> None:
@@ -245,17 +252,23 @@ def _momentum_buffers(state: dict, params: list[Tensor]) -> tuple[list[Tensor], 
 
 
 def _accumulate(
-    buffers: list[Tensor], held: list[int], r: Tensor, momentum: float, dampening: float
+    stack: Callable[[list[Tensor], str], Tensor],
+    buffers: list[Tensor],
+    held: list[int],
+    r: Tensor,
+    momentum: float,
+    dampening: float,
 ) -> Tensor:
-    """``momentum * m + (1 - dampening) * r``, stacked; ``r`` itself where ``m`` is new.
+    """``momentum * m + (1 - dampening) * r``, stacked (by ``stack``); ``r`` itself where
+    ``m`` is new.
 
     As in :class:`torch.optim.SGD`, a buffer starts at the first gradient.
     """
     if len(held) == len(buffers):
-        return stack(buffers).mul_(momentum).add_(r, alpha=1 - dampening)
+        return stack(buffers, "momentum_buffer").mul_(momentum).add_(r, alpha=1 - dampening)
     stacked = r.clone()
     if held:
-        previous = stack([buffers[i] for i in held])
+        previous = stack([buffers[i] for i in held], "momentum_buffer")
         stacked[held] = previous.mul_(momentum).add_(r[held], alpha=1 - dampening)
     return stacked
 
@@ -392,8 +405,8 @@ class RiemannianSGD(_BatchedRiemannianOptimizer):
     def _update_batch(self, group: dict[str, Any], batch: Batch) -> None:
         manifold, params = batch.manifold, batch.params
         lr, momentum = group["lr"], group["momentum"]
-        x = stack(params)
-        g = stack([p.grad for p in params])
+        x = self._stack(params, "x")
+        g = self._stack([p.grad for p in params], "grad")
         if group["weight_decay"] != 0:
             g.add_(x, alpha=group["weight_decay"])
         r = manifold.egrad2rgrad(x, g)
@@ -401,7 +414,7 @@ class RiemannianSGD(_BatchedRiemannianOptimizer):
             write_back(params, manifold.retr(x, -lr * r))
             return
         buffers, held = _momentum_buffers(self.state, params)
-        buffer = _accumulate(buffers, held, r, momentum, group["dampening"])
+        buffer = _accumulate(self._stack, buffers, held, r, momentum, group["dampening"])
         if group["nesterov"]:
             x, buffer = manifold.retr_transp(x, r.add(buffer, alpha=momentum).mul_(-lr), buffer)
         else:
@@ -597,8 +610,8 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
         beta1, beta2 = group["betas"]
         weight_decay = group["weight_decay"]
 
-        x = stack(params)
-        g = stack([p.grad for p in params])
+        x = self._stack(params, "x")
+        g = self._stack([p.grad for p in params], "grad")
         if weight_decay != 0 and not group["decoupled_weight_decay"]:
             g.add_(x, alpha=weight_decay)
         r = manifold.egrad2rgrad(x, g)
@@ -607,11 +620,11 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
 
-        exp_avg = stack([s["exp_avg"] for s in states]).lerp_(r, 1 - beta1)
-        exp_avg_sq = stack([s["exp_avg_sq"] for s in states])
+        exp_avg = self._stack([s["exp_avg"] for s in states], "exp_avg").lerp_(r, 1 - beta1)
+        exp_avg_sq = self._stack([s["exp_avg_sq"] for s in states], "exp_avg_sq")
         exp_avg_sq.mul_(beta2).add_(square, alpha=1 - beta2)
         if amsgrad:
-            max_exp_avg_sq = stack([s["max_exp_avg_sq"] for s in states])
+            max_exp_avg_sq = self._stack([s["max_exp_avg_sq"] for s in states], "max_exp_avg_sq")
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
 
         # bias corrections in float64 on the CPU, where the step counts live (no host sync);
