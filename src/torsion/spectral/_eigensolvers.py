@@ -348,7 +348,9 @@ def _chebyshev_filter(
     ``matrix`` is ``M - c I`` with ``c`` the centre of ``[lower, upper]``. ``p`` is scaled
     so that ``p(0) = 1`` (Zhou & Saad's scaled recurrence: no overflow); it is at most 1
     in magnitude on ``[lower, upper]`` and grows fast below ``lower``. Each step is one
-    fused ``addmm``. The null space (eigenvalue 0, the most amplified point) is projected
+    fused ``addmm`` into the spent block of two steps before (the three-term recurrence
+    needs only two live blocks; a fresh multi-MiB block per step was page-faulted every
+    time). The null space (eigenvalue 0, the most amplified point) is projected
     out every ``deflate_every`` steps, before its rounding noise can grow.
     """
     half_width = (upper - lower) / 2
@@ -359,9 +361,11 @@ def _chebyshev_filter(
     y = torch.mm(matrix, x).mul_(sigma / half_width)
     for step in range(2, degree + 1):
         sigma_next = 1.0 / (tau - sigma)
-        y_next = torch.addmm(
-            y_prev, matrix, y, beta=-sigma * sigma_next, alpha=2.0 * sigma_next / half_width
-        )
+        beta, alpha = -sigma * sigma_next, 2.0 * sigma_next / half_width
+        if y_prev is x:  # the caller's block is read, never written
+            y_next = torch.addmm(y_prev, matrix, y, beta=beta, alpha=alpha)
+        else:  # ours and spent: overwritten in place, no fresh n x k block per step
+            y_next = y_prev.addmm_(matrix, y, beta=beta, alpha=alpha)
         if step % deflate_every == 0 or step == degree:
             problem.deflate_(y_next)
         y_prev, y, sigma = y, y_next, sigma_next
