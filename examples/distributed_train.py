@@ -238,11 +238,11 @@ def main(argv: list[str] | None = None) -> list[float]:
         losses.append(mean_loss)
         if rank == 0 and (done % args.log_every == 0 or done == args.steps):
             print(f"step {done:5d}  loss {float(mean_loss):.6f}", flush=True)
-    losses = [float(loss) for loss in losses]
+    loss_values = [float(loss) for loss in losses]
 
     if rank == 0 and args.loss_log is not None:
         args.loss_log.parent.mkdir(parents=True, exist_ok=True)
-        args.loss_log.write_text(json.dumps({"steps": steps, "losses": losses}))
+        args.loss_log.write_text(json.dumps({"steps": steps, "losses": loss_values}))
     if args.digest_dir is not None:
         args.digest_dir.mkdir(parents=True, exist_ok=True)
         record = {"rank": rank, "world_size": world_size, "sha256": parameter_digest(model)}
@@ -258,12 +258,17 @@ def main(argv: list[str] | None = None) -> list[float]:
     if rank == 0:
         accuracy = int(correct) / len(test_labels)
         print(f"{world_size} ranks, {args.steps} steps: test accuracy {accuracy:.3f}")
-    # Gloo's worker threads may still be releasing the last collective's tensors, which
-    # takes the GIL; destroying the group right away (it holds the GIL while it joins those
-    # threads) can deadlock. The barrier waits with the GIL released.
+    # Teardown. Gloo's worker threads drop a finished collective's tensors on their own;
+    # for a tensor whose Python object is already gone that takes the GIL, while the
+    # process group's destructor joins those threads holding the GIL: a deadlock (seen in
+    # about one run in ten when DDP's reducer held the last reference to the group, so
+    # that it died with this function's locals). So every tensor a collective touched (the
+    # loss tensors, `correct`, the model's) is still alive here, and the group dies inside
+    # destroy_process_group, after DDP has let go of it.
     dist.barrier()
+    del ddp
     dist.destroy_process_group()
-    return losses
+    return loss_values
 
 
 if __name__ == "__main__":
