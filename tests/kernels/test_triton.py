@@ -384,6 +384,17 @@ def test_auto_picks_triton_for_cuda_requests_only(monkeypatch):
         kernels.register_backend(torch_backend)
 
 
+def test_auto_leaves_gpus_older_than_volta_to_the_torch_backend(monkeypatch):
+    d = _small()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    assert kernels.resolve(d, "cuda", F32, "conv").name == "torch"
+    with pytest.raises(UnsupportedBackendError, match=r"compute capability 6\.0"):
+        kernels.resolve(d, "cuda", F32, "conv", "triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernels.resolve(d, "cuda", F32, "conv").name == "triton"
+
+
 def test_backend_reduction_swaps_and_runs_through_conv(generator):
     d = _small()
     default = kernels.get_backend("triton")

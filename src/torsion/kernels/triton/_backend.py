@@ -15,6 +15,9 @@ from torsion.reps import LAYOUTS, TPDescriptor
 
 __all__ = ["TritonBackend", "register_triton_backend"]
 
+#: Oldest NVIDIA architecture Triton compiles for (Volta); older GPUs go to ``torch``.
+_MIN_CAPABILITY = (7, 0)
+
 
 class TritonBackend(Backend):
     """The ``triton`` backend: generated Triton kernels for the channelwise convolution.
@@ -69,12 +72,20 @@ class TritonBackend(Backend):
         derivative_order: int,
     ) -> str | None:
         """The registry's checks (CPU counts as supported under ``TRITON_INTERPRET=1``),
-        then the descriptor's paths (``uvu``, ``irreps_in2`` multiplicity 1)."""
+        the GPU's compute capability (7.0 or newer), then the descriptor's paths (``uvu``,
+        ``irreps_in2`` multiplicity 1)."""
         if device.type == "cpu" and interpreter_enabled():
             device = torch.device("cuda")
         reason = super().unsupported_reason(descriptor, device, dtype, op, derivative_order)
         if reason is not None:
             return reason
+        if device.type == "cuda" and torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability(device)
+            if capability < _MIN_CAPABILITY:
+                return (
+                    f"a GPU of compute capability {capability[0]}.{capability[1]} (Triton "
+                    f"needs {_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]} or newer)"
+                )
         return unsupported_descriptor_reason(descriptor)
 
     def tensor_product(
