@@ -345,7 +345,7 @@ def test_conv_derivatives_to_third_order_match_reference(
     edge attributes' as for forces), with an energy whose output gradient depends on the
     inputs, and one order more through the op's own backward; chunks of 4 edges, the last
     one shorter (its intermediates reuse the larger buffers of the first)."""
-    monkeypatch.setattr(plan_module.TPPlan, "chunk_size", lambda self: 4)
+    monkeypatch.setattr(plan_module.TPPlan, "chunk_size", lambda self, device: 4)
     d = DESCRIPTORS[name]("ir_mul")
     x = _randn(generator, 5, d.irreps_in1.dim, requires_grad=True)
     attr = _randn(generator, 11, d.irreps_in2.dim, requires_grad=True)
@@ -472,3 +472,14 @@ def test_tensor_product_in_chunks_matches_reference(name, shared, generator, mon
         outputs(torch_tensor_product), outputs(reference_tensor_product), strict=True
     ):
         _assert_close(ours, theirs, F64)
+
+
+def test_chunks_are_cpu_cache_sized_and_device_sized_elsewhere():
+    """A chunk's largest intermediate is about CHUNK_ELEMENTS on a CPU and
+    DEVICE_CHUNK_ELEMENTS on other devices (looked up by device type, no GPU needed)."""
+    d = TPDescriptor.channelwise("128x0e+128x1o+128x2e", "0e+1o+2e", "0e+1o+2e", layout="ir_mul")
+    plan = plan_module.plan_for(d)
+    width = 35 * 128  # the merged group's rows x channels: the output per edge
+    assert plan.chunk_size(torch.device("cpu")) == plan_module.CHUNK_ELEMENTS // width
+    assert plan.chunk_size(torch.device("cuda")) == plan_module.DEVICE_CHUNK_ELEMENTS // width
+    assert plan_module.DEVICE_CHUNK_ELEMENTS > 16 * plan_module.CHUNK_ELEMENTS

@@ -115,7 +115,7 @@ def tp_slot(
     anchor = next(t for t in (x1, x2, g) if t is not None)
     batch = anchor.shape[0]
     batched = per_sample or target != SLOT_W
-    chunk = tp.chunk_size()
+    chunk = tp.chunk_size(anchor.device)
     if batch <= chunk:
         if batch == 0:
             return anchor.new_zeros(_slot_shape(tp, target, batch, batched))
@@ -231,7 +231,7 @@ def conv_slot(
     if scatter is not None and deterministic:
         order = torch.argsort(scatter, stable=True)
     scratch = Scratch()
-    chunk = tp.chunk_size()
+    chunk = tp.chunk_size(edge_src.device)
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)
         rows = slice(start, stop) if order is None else order[start:stop]
@@ -372,7 +372,7 @@ def conv_grads(
         return grad_x.zero_(), grad_attr.zero_(), grad_w.zero_()
     order = torch.argsort(edge_src, stable=True) if (need_x and deterministic) else None
     scratch = Scratch()
-    chunk = tp.chunk_size()
+    chunk = tp.chunk_size(edge_src.device)
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)
         rows = slice(start, stop) if order is None else order[start:stop]
@@ -548,7 +548,7 @@ def conv_grads_backward(
     elif deterministic and (need_x or need_g):
         passes = [(targets, edge_src if need_x else edge_dst)]
     scratch = Scratch()
-    chunk = tp.chunk_size()
+    chunk = tp.chunk_size(edge_src.device)
     for pass_targets, sort_by in passes:
         order = None if sort_by is None else torch.argsort(sort_by, stable=True)
         for start in range(0, num_edges, chunk):

@@ -75,6 +75,10 @@ SLOT_NAMES = ("x1", "x2", "weight", "out")
 #: problem's double backward (quiet 2-core Xeon: 3-5 % faster than 2**19 at one thread,
 #: 6-9 % at two; 2**21 was slower in float64).
 CHUNK_ELEMENTS = 1 << 20
+#: The same target on other devices (CUDA): 128 MiB in float32. A GPU has memory to spare
+#: and pays per launch, and the CPU size would cut E = 1e6 edges of the C = 128 problem
+#: into some 4,300 chunks of a dozen small launches each. Not yet tuned on a GPU.
+DEVICE_CHUNK_ELEMENTS = 1 << 25
 
 
 @functools.lru_cache(maxsize=512)
@@ -238,9 +242,9 @@ class TPPlan:
         d = self.descriptor
         return (d.irreps_in1.dim, d.irreps_in2.dim, d.weight_numel, d.irreps_out.dim)[slot]
 
-    def chunk_size(self) -> int:
+    def chunk_size(self, device: torch.device) -> int:
         """Samples per chunk so that the largest per-chunk intermediate is about
-        :data:`CHUNK_ELEMENTS`."""
+        :data:`CHUNK_ELEMENTS` on a CPU, :data:`DEVICE_CHUNK_ELEMENTS` elsewhere."""
         d = self.descriptor
         width = max(d.irreps_in1.dim, d.irreps_out.dim, d.weight_numel, 1)
         if self.groups is not None:
@@ -250,7 +254,8 @@ class TPPlan:
             for path, shape in zip(d.paths, d.path_shapes, strict=True):
                 k = d.irreps_out[path.out].ir.dim
                 width = max(width, math.prod(shape) * k)
-        return max(1, CHUNK_ELEMENTS // width)
+        target = CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+        return max(1, target // width)
 
     # -- cached tables ------------------------------------------------------------------
 
