@@ -83,9 +83,11 @@ K = TypeVar("K", bound=Hashable)
 
 
 def parse_args(
-    description: str | None = None, argv: Sequence[str] | None = None
+    description: str | None = None,
+    argv: Sequence[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
-    """The command line every benchmark shares.
+    """The command line every benchmark shares (``extra`` adds a script's own options).
 
     ``--quick``: a tiny problem, so CI can run every benchmark in seconds.
     ``--out DIR``: where JSON and markdown go (default ``benchmarks/out/``, gitignored).
@@ -105,6 +107,8 @@ def parse_args(
         "--threads", type=int, default=None, help="torch threads (default: leave as is)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 20

@@ -40,6 +40,7 @@ so its code path is exercised in CI (those times mean nothing).
 
     python benchmarks/bench_tensor_product.py [--quick] [--threads N] [--repeats N] [--out DIR]
     python benchmarks/bench_tensor_product.py --device cuda [--quick] [--repeats N]
+        [--edges 100000 ...] [--channels 32 ...]
 """
 
 from __future__ import annotations
@@ -402,8 +403,8 @@ def kernel_table(records: list[dict], env: dict, bandwidth: float, smoke: bool) 
 
 def kernel_main(args, env: dict, device: str, smoke: bool) -> None:
     """Run the kernel table on ``device``; ``smoke``: Triton's interpreter on tiny problems."""
-    problems = KERNEL_PROBLEMS
-    edges = (10_000,) if args.quick else KERNEL_EDGES
+    problems = [p for p in KERNEL_PROBLEMS if args.channels is None or p[1] in args.channels]
+    edges = args.edges or ((10_000,) if args.quick else KERNEL_EDGES)
     if smoke:
         problems = [(name, SMOKE_CHANNELS, lmax) for name, _, lmax in KERNEL_PROBLEMS[1:]]
         edges = SMOKE_EDGES
@@ -420,8 +421,18 @@ def kernel_main(args, env: dict, device: str, smoke: bool) -> None:
     print(f"\nwrote {json_path} and {md_path}")
 
 
+def _kernel_options(parser) -> None:
+    """Subsets of the kernel table, to split a GPU run into shorter ones."""
+    parser.add_argument(
+        "--edges", type=int, nargs="+", default=None, help="kernel table: edge counts"
+    )
+    parser.add_argument(
+        "--channels", type=int, nargs="+", default=None, help="kernel table: channel counts"
+    )
+
+
 def main() -> int:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, extra=_kernel_options)
     env = setup(args)
     env["e3nn"] = __import__("e3nn").__version__
     print(environment_line(env) + f", e3nn {env['e3nn']}", flush=True)
