@@ -385,8 +385,9 @@ class GGNOperator(_ModelOperator):
     Args:
         method: ``"auto"`` (default): torch.func (forward mode, vmapped over blocks), or
             plain autograd when torch.func cannot run the model (forces, custom ops
-            without functorch rules; chosen at the first product and kept);
-            ``"torch_func"`` or ``"autograd"`` to insist.
+            without functorch rules; chosen at the first product and kept: the
+            ``method`` attribute then reads ``"autograd"``); ``"torch_func"`` or
+            ``"autograd"`` to insist.
 
     Shapes:
         ``(n, n)``; pytrees keyed by parameter name.
@@ -438,7 +439,8 @@ class EmpiricalFisherOperator(_ModelOperator):
     Args:
         method: ``"auto"`` (default): ``vmap(grad)`` over the samples of a batch, or one
             autograd backward per sample when torch.func cannot run the model (chosen at
-            the first product and kept); ``"torch_func"`` or ``"autograd"`` to insist.
+            the first product and kept: the ``method`` attribute then reads
+            ``"autograd"``); ``"torch_func"`` or ``"autograd"`` to insist.
 
     Shapes:
         ``(n, n)``; pytrees keyed by parameter name.
