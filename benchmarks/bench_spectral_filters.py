@@ -23,7 +23,12 @@ to the same Chebyshev coefficients times the identity.
 
 Target (TARGETS.md section 5): every degree-K filter exactly K sparse products.
 
-    python benchmarks/bench_spectral_filters.py [--quick] [--out DIR] [--repeats N] [--threads N]
+``--compile`` adds ``torch.compile`` (inductor, ``fullgraph=True``) rows: torsion's
+``ChebIIConv`` and ``GPRConv`` layers and PyG's ``GCNConv``, each checked against its
+eager layer; their product counts are the eager layers'.
+
+    python benchmarks/bench_spectral_filters.py [--quick] [--compile] [--out DIR]
+        [--repeats N] [--threads N]
 """
 
 from __future__ import annotations
@@ -202,8 +207,32 @@ def loss_fn(layer: nn.Module, graph, g: torch.Tensor) -> Callable[[torch.Tensor]
 # ---------------------------------------------------------------------------------------
 
 
+#: Layers also timed under ``torch.compile`` with ``--compile``.
+COMPILED = ("ChebIIConv", "GPRConv", "GCNConv")
+
+
+def add_compiled(layers, graphs, x: torch.Tensor) -> dict[str, float]:
+    """Add ``"<name> compiled"`` layers (inductor, ``fullgraph=True``) for ``COMPILED``;
+    returns each one's error against its eager layer, after compiling it."""
+    errors = {}
+    for name in COMPILED:
+        library, layer = layers[name]
+        compiled = torch.compile(layer, fullgraph=True)
+        key = f"{name} compiled"
+        layers[key], graphs[key] = (library, compiled), graphs[name]
+        with torch.no_grad():
+            errors[key] = check_close(
+                key, compiled(x, graphs[name]), layer(x, graphs[name]), rtol=1e-4, atol=1e-4
+            )
+    return errors
+
+
+def _compile_option(parser) -> None:
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+
+
 def main() -> int:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, extra=_compile_option)
     env = setup(args)
     n, K = (2_000, 10) if args.quick else (100_000, 10)
     degree = 10
@@ -223,6 +252,9 @@ def main() -> int:
 
     errors = check_anchors(layers, x, edge_index, K)
     products = {name: count_products(layer, x, graphs[name]) for name, (_, layer) in layers.items()}
+    if args.compile:
+        errors.update(add_compiled(layers, graphs, x))
+        products.update({f"{name} compiled": products[name] for name in COMPILED})
     for name, (library, _) in layers.items():
         if library == "torsion" and products[name] != K:
             raise RuntimeError(f"{name} spent {products[name]} sparse products, expected K = {K}")

@@ -428,3 +428,33 @@ def test_batch_of_graphs_equals_each_graph_alone(name, generator):
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="batch must be an integer tensor of shape"):
         conv(torch.cat(xs), edge_index, weight, batch=batch[:-1])
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FILTERS))
+@pytest.mark.parametrize("self_loops", [False, True], ids=["A", "A+I"])
+def test_compiles_without_graph_breaks(name, self_loops, generator):
+    """``fullgraph=True``: the whole forward and backward trace as one graph (the edge
+    form of the operator), and give the eager layer's output and gradients, on a graph
+    with a multi-edge, an existing self-loop and an isolated node."""
+    edge_index, weight, n = _graph(generator)
+    extra = torch.tensor([[0, 2], [edge_index[1, 0], 2]])  # a repeated edge, a self-loop
+    edge_index = torch.cat([edge_index, extra], dim=1)
+    weight = torch.cat([weight, torch.tensor([0.7, 1.3], dtype=DTYPE)])
+    conv = _randomize(ALL_FILTERS[name](4), generator)
+    conv.add_self_loops = self_loops
+    x = torch.randn(n, C, generator=generator, dtype=DTYPE)
+    batch = torch.zeros(n, dtype=torch.long)
+
+    def loss(x, weight):
+        return (conv(x, edge_index, weight, batch=batch) * torch.cos(x)).sum()
+
+    wrt = [*conv.parameters(), x.requires_grad_(), weight.requires_grad_()]
+    eager = torch.autograd.grad(loss(x, weight), wrt)
+    torch._dynamo.reset()  # one code object for every case: start each from a clean cache
+    compiled = torch.autograd.grad(
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(x, weight), wrt
+    )
+    torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+    # without edge weights, where the eager layer takes its sparse (CSR) path
+    plain = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(plain(x.detach(), edge_index), conv(x.detach(), edge_index))
