@@ -144,3 +144,19 @@ def test_conv_rejects_bad_input(generator):
         _conv(avg_num_neighbors=0.0)
     assert isinstance(conv.linear_in, Linear)
     assert not x.isnan().any()
+
+
+@pytest.mark.slow
+def test_conv_compiles_without_graph_breaks(generator):
+    """One graph (``fullgraph=True``) for the whole layer, forward and backward, equal to
+    eager; ``torch.compile`` used to fail building its guards on the layer's e3nn Irreps."""
+    torch._dynamo.reset()
+    conv = _conv(avg_num_neighbors=3.0)
+    x, edge_index, edge_attr, edge_radial = _graph(generator)
+    inputs = [x.requires_grad_(), edge_index, edge_attr.requires_grad_(), edge_radial]
+    wrt = [x, edge_attr, *conv.parameters()]
+    eager = torch.autograd.grad(conv(*inputs).sin().sum(), wrt)
+    compiled_conv = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    compiled = torch.autograd.grad(compiled_conv(*inputs).sin().sum(), wrt)
+    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
+    torch._dynamo.reset()

@@ -235,3 +235,18 @@ def test_weight_manifold_is_validated():
         EquivariantPotential(2, weight_manifold="grassmann")
     with pytest.raises(ValueError, match="weight_manifold must be None or 'stiefel'"):
         EquivariantPotential(2, weight_manifold=True)
+
+
+@pytest.mark.slow
+def test_compiled_potential_gives_the_eager_energies_and_forces(model, generator):
+    """``torch.compile`` for inference, as docs/equivariant.md recommends (the radius
+    graph's data-dependent size splits it into a few graphs; each convolution is one)."""
+    torch._dynamo.reset()
+    pos, species = _cluster(generator)
+    batch = torch.tensor([0, 0, 0, 1, 1, 1])
+    compiled = torch.compile(model, backend="eager")
+    energy, forces = energy_and_forces(compiled, pos, species, batch)
+    expected_energy, expected_forces = energy_and_forces(model, pos, species, batch)
+    torch.testing.assert_close(energy, expected_energy, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(forces, expected_forces, atol=1e-12, rtol=1e-12)
+    torch._dynamo.reset()

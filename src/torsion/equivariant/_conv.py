@@ -180,6 +180,10 @@ class EquivariantConv(MessagePassing):
         self.irreps_node_in = as_irreps(irreps_node_in, "irreps_node_in")
         self.irreps_edge_attr = as_irreps(irreps_edge_attr, "irreps_edge_attr")
         self.irreps_node_out = as_irreps(irreps_node_out, "irreps_node_out")
+        # what forward checks, as plain values: torch.compile then guards on numbers and
+        # strings, not on e3nn's Irreps (whose Irrep entries break its guard builder)
+        self._x_check = (self.irreps_node_in.dim, str(self.irreps_node_in))
+        self._attr_check = (self.irreps_edge_attr.dim, str(self.irreps_edge_attr))
         for name, value in (("num_radial", num_radial), ("radial_hidden", radial_hidden)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EquivariantConv: {name} must be an int >= 1, got {value!r}")
@@ -228,14 +232,8 @@ class EquivariantConv(MessagePassing):
             ValueError: for shapes that do not match the irreps or each other, mismatched
                 devices, or (checked by the kernel backend) ``edge_index`` out of range.
         """
-        check_features(x, self.irreps_node_in.dim, str(self.irreps_node_in), "EquivariantConv")
-        check_features(
-            edge_attr,
-            self.irreps_edge_attr.dim,
-            str(self.irreps_edge_attr),
-            "EquivariantConv",
-            "edge_attr",
-        )
+        check_features(x, *self._x_check, "EquivariantConv")
+        check_features(edge_attr, *self._attr_check, "EquivariantConv", "edge_attr")
         if x.ndim != 2:
             raise ValueError(f"EquivariantConv: x must have shape (N, D), got {tuple(x.shape)}")
         _check_edges(edge_index, edge_attr, edge_radial, x, self.num_radial)
