@@ -744,6 +744,28 @@ def test_optimizer_steps_a_compiled_model():
         assert _stiefel_gap(w) < 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OPTIMIZER_FACTORIES))
+def test_compiled_step_runs_eagerly_and_equals_the_eager_step(name):
+    """A compiled ``optimizer.step`` (or a compiled training step around it) gives the
+    eager iterates bit for bit. Traced, a ManifoldParameter looks like a plain Parameter
+    and the manifold parameters would get a Euclidean update: geoopt's compiled step
+    leaves the manifold that way."""
+    torch._dynamo.reset()
+    eager, compiled = _Model(), _Model()
+    make = OPTIMIZER_FACTORIES[name]
+    eager_optimizer, compiled_optimizer = make(eager.parameters()), make(compiled.parameters())
+    compiled_step = torch.compile(compiled_optimizer.step, backend="eager")
+    for x, y in _batches(3):
+        for model, step in ((eager, eager_optimizer.step), (compiled, compiled_step)):
+            model.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            step()
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach())
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------
 # Batching rules
 # ---------------------------------------------------------------------------------------

@@ -140,9 +140,15 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
         see :class:`~torsion.optim._grouping.Workspace`)."""
         return self._workspace.stack(tensors, role)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one optimization step.
+
+        Under ``torch.compile`` (a compiled ``optimizer.step`` or a compiled training step
+        that calls it) the step runs eagerly, as a graph break: dynamo traces a
+        :class:`geoopt.ManifoldParameter` as a plain ``Parameter`` and would take every
+        manifold parameter for a Euclidean one.
 
         Args:
             closure: re-evaluates the model and returns the loss (optional, as in
