@@ -7,9 +7,8 @@ of ``L = sum(layer(x) * G)`` (``G`` a fixed random matrix):
 * torsion: ``Linear(64, 64)`` followed by ``BernConv``, ``ChebIIConv``, ``JacobiConv``,
   ``OptBasisConv`` (optimal and Favard bases) or ``GPRConv``, all of degree ``K = 10``,
   plus ``BernConv(cached=True)`` (the transductive setting: the sparse operator is built
-  once) and ``BernConv`` on PyG's gather/scatter message path (edge weights that require
-  a gradient), the same product as BernNet's reference, so the two differ only in the
-  number of products;
+  once) and ``BernConv`` with learned edge weights (weights that require a gradient,
+  which then comes from one sampled dense-dense product per sparse product);
 * PyG ``GCNConv(64, 64)`` (one hop) on ``edge_index`` and on a CSR ``adj_t``;
 * PyG ``ChebConv(64, 64, K=11)`` (degree 10: one 64 x 64 weight per order);
 * BernNet's reference propagation (He et al. 2021), transcribed: it recomputes powers of
@@ -110,19 +109,18 @@ def random_graph(n: int, degree: int, gen: torch.Generator) -> torch.Tensor:
 class Filtered(nn.Module):
     """``filter(Linear(x))``: a filter layer of the same width as a GCN layer.
 
-    With ``edge_messages``, unit edge weights that require a gradient are passed, which
-    sends torsion's filters down PyG's gather/scatter message path (the one BernNet's
-    reference and ``GCNConv`` on ``edge_index`` use) instead of CSR products.
+    With ``edge_weights``, unit edge weights that require a gradient are passed (learned
+    edge weights: the backward also computes their gradient).
     """
 
-    def __init__(self, conv: MessagePassing, edge_messages: bool = False) -> None:
+    def __init__(self, conv: MessagePassing, edge_weights: bool = False) -> None:
         super().__init__()
         self.lin = nn.Linear(WIDTH, WIDTH)
         self.conv = conv
-        self.edge_messages = edge_messages
+        self.edge_weights = edge_weights
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        if self.edge_messages:
+        if self.edge_weights:
             ones = torch.ones(edge_index.size(1), device=x.device, requires_grad=True)
             return self.conv(self.lin(x), edge_index, ones)
         return self.conv(self.lin(x), edge_index)
@@ -133,7 +131,7 @@ def make_layers(K: int, gen: torch.Generator) -> dict[str, tuple[str, nn.Module]
     layers = {
         "BernConv": ("torsion", Filtered(BernConv(K))),
         "BernConv cached": ("torsion", Filtered(BernConv(K, cached=True))),
-        "BernConv edge messages": ("torsion", Filtered(BernConv(K), edge_messages=True)),
+        "BernConv learned weights": ("torsion", Filtered(BernConv(K), edge_weights=True)),
         "ChebIIConv": ("torsion", Filtered(ChebIIConv(K))),
         "JacobiConv": ("torsion", Filtered(JacobiConv(WIDTH, K))),
         "OptBasisConv": ("torsion", Filtered(OptBasisConv(WIDTH, K))),

@@ -234,7 +234,7 @@ def test_bernstein_identity_and_nonnegative_response(generator):
 
 @pytest.mark.parametrize("name", sorted(ALL_FILTERS))
 @pytest.mark.parametrize("K", [0, 1, 2, 10])
-@pytest.mark.parametrize("weight_grad", [False, True], ids=["csr", "edges"])
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["fixed", "learned"])
 def test_exactly_K_sparse_products(name, K, weight_grad, generator):
     edge_index, weight, n = _graph(generator)
     conv = ALL_FILTERS[name](K)
@@ -246,8 +246,9 @@ def test_exactly_K_sparse_products(name, K, weight_grad, generator):
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FILTERS))
-def test_csr_and_edge_paths_agree(name, generator):
-    """Weights without gradient take the CSR path, weights with one the edge path."""
+def test_weights_with_and_without_gradient_agree(name, generator):
+    """Edge weights that need a gradient change nothing in the forward or the input
+    gradient (their own gradient comes from the sampled product, checked by gradcheck)."""
     edge_index, weight, n = _graph(generator)
     conv = _randomize(ALL_FILTERS[name](4), generator)
     x = torch.randn(n, C, generator=generator, dtype=DTYPE)
@@ -269,6 +270,19 @@ def test_duplicate_edges_are_summed(generator):
     expected = conv(x, edge_index, 2 * weight)
     torch.testing.assert_close(conv(x, doubled, torch.cat([weight, weight])), expected)
     torch.testing.assert_close(conv(x, doubled), conv(x, edge_index, torch.full_like(weight, 2)))
+
+
+@pytest.mark.parametrize("self_loops", [False, True], ids=["A", "A+I"])
+def test_edge_weight_gradients_with_repeated_edges_and_self_loops(self_loops, generator):
+    """Finite differences (gradcheck) of the output in every edge weight, and of the input
+    gradient in them (gradgradcheck), on a graph with a repeated edge and a self-loop:
+    repeated entries of the sparse matrix each get the gradient of their sum."""
+    edge_index = torch.tensor([[0, 1, 1, 2, 2, 3, 0, 1, 2], [1, 0, 2, 1, 3, 2, 1, 0, 2]])
+    w = (0.5 + torch.rand(edge_index.size(1), generator=generator, dtype=DTYPE)).requires_grad_()
+    conv = _randomize(JacobiConv(C, 3, add_self_loops=self_loops), generator)
+    x = torch.randn(5, C, generator=generator, dtype=DTYPE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: conv(x, edge_index, w), (x, w))
+    assert torch.autograd.gradgradcheck(lambda x, w: conv(x, edge_index, w), (x, w))
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,10 +330,12 @@ def test_gradcheck(name, generator):
         return functional_call(conv, dict(zip(names, values, strict=True)), (x, edge_index, w))
 
     inputs = (x, w, *(params[k].detach().clone().requires_grad_() for k in names))
-    assert torch.autograd.gradcheck(f, inputs)  # edge path: gradients reach the weights
+    assert torch.autograd.gradcheck(f, inputs)  # the gradient reaches the edge weights
     fixed = w.detach()
-    assert torch.autograd.gradcheck(lambda x, *v: f(x, fixed, *v), (x, *inputs[2:]))  # CSR
+    assert torch.autograd.gradcheck(lambda x, *v: f(x, fixed, *v), (x, *inputs[2:]))
     assert torch.autograd.gradgradcheck(lambda x: f(x, fixed, *inputs[2:]), (x,))
+    # second derivatives in the edge weights too (the sampled product's own backward)
+    assert torch.autograd.gradgradcheck(lambda x, w: f(x, w, *inputs[2:]), (x, w))
 
 
 # ---------------------------------------------------------------------------------------
