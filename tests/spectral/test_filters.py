@@ -285,6 +285,19 @@ def test_edge_weight_gradients_with_repeated_edges_and_self_loops(self_loops, ge
     assert torch.autograd.gradgradcheck(lambda x, w: conv(x, edge_index, w), (x, w))
 
 
+def test_int32_edge_index_on_a_large_graph_equals_int64(generator):
+    """Past 46,341 nodes the sort key ``row * n + col`` overflows int32: int32 indices must
+    give the int64 result (edges between far-apart nodes, where the key is largest)."""
+    n = 50_000
+    src = torch.randint(0, n, (300,), generator=generator)
+    dst = torch.randint(0, n, (300,), generator=generator)
+    edge_index = torch.cat([torch.stack([src, dst]), torch.stack([dst, src])], dim=1)
+    conv = _randomize(ChebIIConv(2), generator)
+    x = torch.randn(n, C, generator=generator, dtype=DTYPE)
+    expected = conv(x, edge_index)
+    torch.testing.assert_close(conv(x, edge_index.int()), expected, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------
 # Symmetry, dtypes, gradients
 # ---------------------------------------------------------------------------------------

@@ -191,6 +191,7 @@ def _normalized_edges(
     out with ``add_self_loops``, where a node that has a loop gets a second one of weight
     0), so there is no host synchronisation and ``torch.compile`` traces it.
     """
+    edge_index = edge_index.long()  # int32 keys row * n + col would overflow past n = 46341
     if edge_weight is None:
         weight = torch.ones(edge_index.size(1), dtype=dtype, device=edge_index.device)
     else:
