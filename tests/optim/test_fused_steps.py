@@ -6,7 +6,8 @@ separate maps and against independent implementations (geoopt's SPD and Stiefel)
 * ``SPDAffineInvariant.retr_transp_direction``: the transport of the step's own direction
   without a square root (it commutes with the whitened step), equal to ``retr_transp``;
 * ``Stiefel.retr_transp``: the QR retraction by two passes of Cholesky QR, equal to
-  Householder QR with the sign fix to rounding, large steps and float32 included;
+  Householder QR with the sign fix to rounding, large steps and float32 included; one
+  pass under a step bound of at most 1, which Adam derives from its betas;
 * the optimizers on these manifolds follow geoopt's optimizers on geoopt's own
   ``SymmetricPositiveDefinite`` and ``EuclideanStiefel`` (no code shared with torsion).
 """
@@ -20,7 +21,7 @@ from geoopt import ManifoldParameter
 
 from torsion.manifolds import SPDAffineInvariant, Stiefel
 from torsion.optim import RiemannianAdam, RiemannianSGD
-from torsion.optim._riemannian import retr_transp_direction
+from torsion.optim._riemannian import adam_direction_bound, retr_transp_direction
 
 F64 = torch.float64
 BATCHES = [(), (4,), (2, 3)]
@@ -152,6 +153,76 @@ def test_stiefel_cholesky_qr_retraction_is_householder_qr_at_any_step(dtype, ste
     # geoopt's EuclideanStiefel: Householder QR with its own sign fix
     want = geoopt.EuclideanStiefel().retr(x, u)
     torch.testing.assert_close(y, want, rtol=0, atol=50 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("step", [1e-4, 0.3, 1.0])
+def test_stiefel_one_pass_under_a_step_bound_is_householder_qr(dtype, step):
+    """With ``step_bound <= 1`` one pass of Cholesky QR is as accurate as two."""
+    st = Stiefel()
+    g = _gen(12)
+    x = st.random(16, 40, 6, dtype=F64, generator=g)
+    u = st.proju(x, torch.randn(16, 40, 6, dtype=F64, generator=g))
+    u = u * (step / torch.linalg.matrix_norm(u, ord=2, keepdim=True))
+    x, u = x.to(dtype), u.to(dtype)
+    y, moved = st.retr_transp(x, u, u, step_bound=1.0)
+    eps = torch.finfo(dtype).eps
+    assert float((y.mT @ y - torch.eye(6, dtype=dtype)).abs().amax()) < 20 * eps
+    torch.testing.assert_close(y, geoopt.EuclideanStiefel().retr(x, u), rtol=0, atol=50 * eps)
+    torch.testing.assert_close(moved, st.transp(x, y, u), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.99), (0.5, 0.9), (0.0, 0.999)])
+def test_adam_direction_bound_is_attained_by_the_worst_gradient_sequence(betas):
+    """Aligned gradients with norms growing like ``(b2 / b1)`` per step (the equality case
+    of Cauchy-Schwarz) drive ``||m_hat|| / sqrt(v_hat)`` to the bound, never above."""
+    b1, b2 = betas
+    bound = adam_direction_bound(b1, b2)
+    ratios = []
+    for length in (1, 3, 30, 300):
+        for quiet in (0, 20_000):  # zero gradients first: the bias corrections go to 1
+            m = v = 0.0
+            for t in range(1, quiet + length + 1):
+                k = quiet + length - t  # steps before the last
+                norm = 0.0 if t <= quiet else (b1 / b2) ** k if b1 > 0 else float(k == 0)
+                m, v = b1 * m + (1 - b1) * norm, b2 * v + (1 - b2) * norm**2
+            t = quiet + length
+            ratios.append((m / (1 - b1**t)) / (v / (1 - b2**t)) ** 0.5)
+    assert max(ratios) <= bound * (1 + 1e-12)
+    assert max(ratios) >= bound * (1 - 1e-3)
+    assert adam_direction_bound(0.99, 0.9) is None  # b1^2 >= b2: unbounded
+
+
+def test_adam_steps_on_stiefel_stay_within_the_bound_it_passes():
+    """Random gradients with spikes and sign flips: every step's norm (from the state, as
+    the optimizer computes it) stays below ``lr * adam_direction_bound``."""
+    g = _gen(13)
+    st = Stiefel()
+    params = [ManifoldParameter(st.random(8, 3, dtype=F64, generator=g), manifold=st)]
+    lr, betas = 0.05, (0.9, 0.999)
+    optimizer = RiemannianAdam(params, lr=lr, betas=betas, eps=0.0)
+    limit = lr * adam_direction_bound(*betas)
+    passed = []  # the bound the optimizer hands to the retraction
+    retr_transp = st.retr_transp
+
+    def recording(*args, **kw):
+        passed.append(kw.get("step_bound"))
+        return retr_transp(*args, **kw)
+
+    st.retr_transp = recording
+    worst = 0.0
+    for t in range(1, 201):
+        spike = 1e4 if t % 37 == 0 else (1e-3 if t % 11 == 0 else 1.0)
+        params[0].grad = spike * torch.randn(8, 3, dtype=F64, generator=g)
+        optimizer.step()
+        state = optimizer.state[params[0]]
+        m_hat = state["exp_avg"] / (1 - betas[0] ** t)
+        v_hat = state["exp_avg_sq"] / (1 - betas[1] ** t)
+        worst = max(worst, float(lr * torch.linalg.matrix_norm(m_hat) / v_hat.sqrt()))
+    assert worst <= limit
+    assert passed and all(bound == pytest.approx(limit) for bound in passed)
+    x = params[0].detach()
+    assert float((x.mT @ x - torch.eye(3, dtype=F64)).abs().max()) < 1e-14
 
 
 # ---------------------------------------------------------------------------------------

@@ -96,15 +96,17 @@ def _block(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
     return torch.cat([torch.cat([a, b], dim=-1), torch.cat([c, d], dim=-1)], dim=-2)
 
 
-def _cholesky_qf(a: Tensor) -> Tensor:
-    """The ``Q`` factor of ``a = Q R`` with ``diag(R) > 0`` (``qr_unique(a)[0]``) by two
-    passes of Cholesky QR (CholeskyQR2; Fukaya, Nakatsukasa, Yanagisawa & Yamamoto 2014).
+def _cholesky_qf(a: Tensor, passes: int = 2) -> Tensor:
+    """The ``Q`` factor of ``a = Q R`` with ``diag(R) > 0`` (``qr_unique(a)[0]``) by
+    ``passes`` passes of Cholesky QR (two: CholeskyQR2; Fukaya, Nakatsukasa, Yanagisawa &
+    Yamamoto 2014).
 
     One pass ``a = (a R^-1) R``, ``R^T R = a^T a``, loses orthogonality like
     ``eps cond(a)^2``; the second pass on its nearly orthonormal output restores it to
     rounding while ``cond(a) < eps^(-1/2)`` (about 3000 in float32). A retraction calls it
     on ``x + u`` with ``u`` tangent, whose singular values are ``sqrt(1 + s_i(u)^2) >= 1``:
-    ``cond(x + u) <= sqrt(1 + ||u||_2^2)``. Both factors ``R`` have positive diagonals, so
+    ``cond(x + u) <= sqrt(1 + ||u||_2^2)``, so one pass is enough (``cond^2 <= 2``) when
+    ``||u||_2 <= 1`` is known in advance. Both factors ``R`` have positive diagonals, so
     ``Q`` is the sign-fixed factor. Only products and ``p x p`` factorizations, which
     batch well on a CPU where Householder QR of tall-skinny matrices does not.
 
@@ -113,7 +115,7 @@ def _cholesky_qf(a: Tensor) -> Tensor:
     """
     eye = _eye(a.shape[-1], a)
     q = a
-    for _ in range(2):
+    for _ in range(passes):
         factor, _ = torch.linalg.cholesky_ex(q.mT @ q)
         # q R^-1 as a product with the p x p inverse: a triangular solve with the n x p
         # right-hand side would copy it to and from LAPACK's column-major layout
@@ -811,22 +813,38 @@ class Stiefel(_OrthonormalFrames):
         self._validate("transp", {"x": x, "y": y}, {"v": v})
         return v - y @ sym(y.mT @ v)
 
-    def retr_transp(self, x: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    #: :meth:`retr_transp` takes ``step_bound`` (optimizers that know a bound pass it).
+    retr_transp_takes_step_bound = True
+
+    def retr_transp(
+        self, x: Tensor, u: Tensor, v: Tensor, *, step_bound: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         """:meth:`retr` of ``u`` and :meth:`transp` of ``v`` to the new point, in one call.
 
-        The ``qr`` retraction is computed here by two passes of Cholesky QR
-        (:func:`_cholesky_qf`): ``qf(x + u)`` from ``p x p`` Gram matrices, matrix products
-        and ``p x p`` triangular inverses, equal to :meth:`retr` to rounding for tangent
-        ``u`` (where ``x + u`` has no singular value below 1). On a CPU it is about 1.5x
-        faster than the Householder QR with sign fix of :meth:`retr` on batches of
-        ``256 x 32`` matrices. Other retractions are :meth:`retr`'s.
+        The ``qr`` retraction is computed here by Cholesky QR (:func:`_cholesky_qf`):
+        ``qf(x + u)`` from ``p x p`` Gram matrices, matrix products and ``p x p``
+        triangular inverses, equal to :meth:`retr` to rounding for tangent ``u`` (where
+        ``x + u`` has no singular value below 1). On a CPU it is about 1.5x faster than
+        the Householder QR with sign fix of :meth:`retr` on batches of ``256 x 32``
+        matrices. Other retractions are :meth:`retr`'s.
+
+        Args:
+            x: points.
+            u: tangent steps.
+            v: tangent vectors to transport.
+            step_bound: a bound on every ``||u||_2`` known without reading ``u`` (an
+                optimizer derives one from its hyperparameters, see
+                :class:`~torsion.optim.RiemannianAdam`). At most 1, ``x + u`` has condition
+                number at most ``sqrt(2)`` and one pass of Cholesky QR is exact to
+                rounding instead of two. Not checked; ``None`` (default): two passes.
 
         Shapes:
             ``x``, ``u``, ``v``: ``(..., n, p)``; outputs: ``(..., n, p)`` each.
         """
         self._validate("retr_transp", {"x": x}, {"u": u, "v": v})
         if self.retraction == "qr":
-            y = _cholesky_qf(x + u)
+            one_pass = step_bound is not None and step_bound <= 1.0
+            y = _cholesky_qf(x + u, passes=1 if one_pass else 2)
         else:
             y = self.retr(x, u)
         return y, v - y @ sym(y.mT @ v)

@@ -17,7 +17,9 @@ rounding; on plain parameters they are :class:`torch.optim.SGD` and
   heavy-ball momentum), the retraction and transport go through the manifold's
   ``retr_transp_direction`` when it has one (:func:`retr_transp_direction`): on
   :class:`~torsion.manifolds.SPDAffineInvariant` that transport needs no matrix square
-  root;
+  root. Adam's step is also bounded in norm by ``lr`` times a function of its betas
+  (:func:`adam_direction_bound`), which it hands to retractions that can use it: on
+  :class:`~torsion.manifolds.Stiefel` one pass of Cholesky QR instead of two;
 * no step reads a device value back to the host; step counts live on the CPU, as in
   :class:`torch.optim.Adam`;
 * the optimizer state is keyed per parameter exactly as torch's
@@ -33,6 +35,8 @@ the argument and the two differences of Cayley Adam.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -223,7 +227,11 @@ def _raise_on_non_finite_gradients(owner: str, params: list[Tensor], error: Exce
 
 
 def retr_transp_direction(
-    manifold: geoopt.Manifold, x: Tensor, direction: Tensor, t: Tensor | float
+    manifold: geoopt.Manifold,
+    x: Tensor,
+    direction: Tensor,
+    t: Tensor | float,
+    step_bound: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``manifold.retr_transp(x, t * direction, direction)``: a step along a tangent vector
     that is itself transported to the new point (Adam's first moment, heavy-ball momentum).
@@ -233,6 +241,11 @@ def retr_transp_direction(
     :class:`~torsion.manifolds.SPDAffineInvariant` needs no matrix square root); any other
     manifold gets ``retr_transp``.
 
+    ``step_bound`` (a bound on the spectral norm of every step ``t * direction``, known
+    in advance) is passed on to a manifold whose ``retr_transp`` takes it
+    (``retr_transp_takes_step_bound``): :class:`~torsion.manifolds.Stiefel` then needs one
+    pass of Cholesky QR instead of two.
+
     Shapes:
         ``x``, ``direction``: ``(B, *shape)``; ``t``: a number or a tensor broadcasting
         against ``direction`` (one step length per point).
@@ -240,7 +253,34 @@ def retr_transp_direction(
     fused = getattr(manifold, "retr_transp_direction", None)
     if fused is not None:
         return fused(x, direction, t)
+    if step_bound is not None and getattr(manifold, "retr_transp_takes_step_bound", False):
+        return manifold.retr_transp(x, t * direction, direction, step_bound=step_bound)
     return manifold.retr_transp(x, t * direction, direction)
+
+
+@functools.lru_cache(maxsize=64)
+def adam_direction_bound(beta1: float, beta2: float) -> float | None:
+    """A bound on ``||m_hat|| / sqrt(v_hat)`` in Riemannian Adam with one second moment per
+    point (``v`` averages ``||r||^2``), whatever the gradients; ``None`` when there is none
+    (``beta1^2 >= beta2``).
+
+    With zero initial moments, ``m_t = sum_k (1 - b1) b1^k r_k`` (each term transported,
+    which does not lengthen it) and ``v_t >= sum_k (1 - b2) b2^k ||r_k||^2``, so by
+    Cauchy-Schwarz ``||m_t|| / sqrt(v_t) <= (1 - b1) / sqrt(1 - b2) * sqrt(sum_{k<t}
+    rho^k)`` with ``rho = b1^2 / b2``; the bias corrections multiply it by
+    ``sqrt(1 - b2^t) / (1 - b1^t)``. AMSGrad's larger ``v`` and ``eps`` only shrink it. The
+    bound is the largest value over ``t`` (7.27 at the default betas).
+    """
+    rho = beta1 * beta1 / beta2
+    if rho >= 1.0:
+        return None
+    scale = (1.0 - beta1) / math.sqrt(1.0 - beta2)
+
+    def at(t: int) -> float:
+        correction = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        return scale * math.sqrt((1.0 - rho**t) / (1.0 - rho)) * correction
+
+    return max([scale / math.sqrt(1.0 - rho), *map(at, range(1, 10_001))])
 
 
 def _momentum_buffers(state: dict, params: list[Tensor]) -> tuple[list[Tensor], list[int]]:
@@ -647,7 +687,12 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
             )
             x, exp_avg = manifold.retr_transp(x, step, exp_avg)
         else:
-            x, exp_avg = retr_transp_direction(manifold, x, exp_avg, scale)
+            bound = None
+            if math.prod(square.shape[1:]) == 1:  # one second moment per point
+                direction_bound = adam_direction_bound(beta1, beta2)
+                if direction_bound is not None:
+                    bound = group["lr"] * direction_bound
+            x, exp_avg = retr_transp_direction(manifold, x, exp_avg, scale, bound)
 
         write_back(params, x)
         write_back([s["exp_avg"] for s in states], exp_avg)
