@@ -25,6 +25,7 @@ from tests.spectral._eigen_graphs import (
     random_graph,
 )
 from torsion.spectral import BernConv, ChebIIConv, GPRConv, JacobiConv, OptBasisConv
+from torsion.spectral._filters import _normalized_edges, _Operator, csr_matmul, csr_sddmm
 
 C = 3  # channels
 
@@ -296,6 +297,20 @@ def test_int32_edge_index_on_a_large_graph_equals_int64(generator):
     x = torch.randn(n, C, generator=generator, dtype=DTYPE)
     expected = conv(x, edge_index)
     torch.testing.assert_close(conv(x, edge_index.int()), expected, rtol=0, atol=1e-12)
+
+
+def test_sparse_ops_pass_torch_opcheck(generator):
+    """``torch.library.opcheck`` on the two custom ops (schema, fake tensors, autograd
+    registration, aot dispatch), on an operator with a repeated edge and self-loops."""
+    edge_index = torch.tensor([[0, 1, 1, 2, 2, 3, 0, 5], [1, 0, 2, 1, 3, 2, 1, 5]])
+    weight = torch.rand(8, generator=generator, dtype=DTYPE)
+    index, values = _normalized_edges(edge_index, weight, 7, True, DTYPE, 1.0)
+    op = _Operator.from_edges(index, values, 7)
+    x = torch.randn(7, C, generator=generator, dtype=DTYPE, requires_grad=True)
+    a = torch.randn(7, C, generator=generator, dtype=DTYPE, requires_grad=True)
+    values = op.values.detach().requires_grad_()
+    torch.library.opcheck(csr_matmul, (*op.pattern, values, x))
+    torch.library.opcheck(csr_sddmm, (*op.pattern, a, x))
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ stay as adjacent CSR entries, which the product sums), so there is no host
 synchronisation; ``cached=True`` builds the operator once for a fixed graph. When
 ``edge_weight`` requires a gradient, it comes from one sampled dense-dense product
 (SDDMM, ``torch.sparse.sampled_addmm``) per sparse product in the backward pass. Each
-product is one ``propagate`` call; both are custom ops (``torsion::csr_matmul``,
-``torsion::csr_sddmm``) whose derivatives are each other, to any order.
+product is one ``propagate`` call, which runs the custom op ``torsion::csr_matmul``; the
+weights' gradient is the custom op ``torsion::csr_sddmm``; each op's derivatives are
+these two ops again, to any order.
 
 ``torch.compile``. The layers compile into one graph (``fullgraph=True``): the operator
 is built inside the graph, and the products call the custom ops on the CSR arrays
