@@ -191,6 +191,8 @@ def test_adam_direction_bound_is_attained_by_the_worst_gradient_sequence(betas):
     assert max(ratios) <= bound * (1 + 1e-12)
     assert max(ratios) >= bound * (1 - 1e-3)
     assert adam_direction_bound(0.99, 0.9) is None  # b1^2 >= b2: unbounded
+    assert adam_direction_bound(0.5, 0.0) is None  # v forgets at once, m does not
+    assert adam_direction_bound(0.0, 0.0) == 1.0  # normalized gradient steps
 
 
 def test_adam_steps_on_stiefel_stay_within_the_bound_it_passes():

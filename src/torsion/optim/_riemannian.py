@@ -271,6 +271,8 @@ def adam_direction_bound(beta1: float, beta2: float) -> float | None:
     ``sqrt(1 - b2^t) / (1 - b1^t)``. AMSGrad's larger ``v`` and ``eps`` only shrink it. The
     bound is the largest value over ``t`` (7.27 at the default betas).
     """
+    if beta2 == 0.0:  # v is the last ||r||^2 alone: bounded only without momentum
+        return 1.0 if beta1 == 0.0 else None
     rho = beta1 * beta1 / beta2
     if rho >= 1.0:
         return None
