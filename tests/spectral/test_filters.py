@@ -434,6 +434,10 @@ def test_bad_shapes(name, generator):
         conv(x, edge_index.T)
     with pytest.raises(ValueError, match="edge_weight of shape"):
         conv(x, edge_index, weight[:-1].float())
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=f"need float32 or float64 node features, got {half}"):
+            conv.to(half)(x.to(half), edge_index)
+    conv.float()
     if name in ("jacobi", "jacobi_ab", "favard", "optimal"):
         with pytest.raises(ValueError, match=f"built for {C} channels"):
             conv(torch.randn(n, C + 1), edge_index)

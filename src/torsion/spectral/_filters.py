@@ -121,6 +121,11 @@ def _check_graph(
             f"{name} expects edge_index of shape (2, num_edges) with an integer dtype, got "
             f"{_describe(edge_index)}"
         )
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{name}: sparse products on the CPU need float32 or float64 node features, got "
+            f"{x.dtype} (torch has no half-precision CSR product there)"
+        )
     if edge_index.device != x.device:
         raise ValueError(f"{name}: edge_index is on {edge_index.device} but x on {x.device}")
     if edge_weight is not None:
