@@ -6,6 +6,8 @@ import torch
 from torsion.curvature._hvp import GradientGraph, ggn_vp, hvp, jvp, vjp
 from torsion.curvature._linop import DenseOperator
 
+hvp_module = importlib.import_module("torsion.curvature._hvp")
+
 METHODS = ["double_backward", "forward_over_reverse", "reverse_over_reverse", "auto"]
 SHAPES = {"w1": (5, 3), "b1": (5,), "w2": (2, 5), "b2": (2,)}
 N = sum(torch.Size(s).numel() for s in SHAPES.values())
@@ -97,6 +99,24 @@ def test_gradient_graph_flat_block_products(problem, generator):
         assert torch.equal(block, before)
     with pytest.raises(ValueError, match="shape"):
         graph.hvp_flat(torch.zeros(N + 1, 2, dtype=torch.float64))
+
+
+def test_flat_blocks_through_the_reused_chunked_transpose(problem, generator, monkeypatch):
+    """Row-major blocks are transposed chunk by chunk into a buffer the graph reuses:
+    chunks that split the rows, a second block of the same shape (no stale rows) and a
+    block of another width (a new buffer) all give the dense products, and no result
+    aliases the buffer."""
+    monkeypatch.setattr(hvp_module, "_TRANSPOSE_CHUNK_ELEMENTS", 7)  # 2-3 rows per chunk
+    params, _, _, f, dense_h = problem
+    graph = GradientGraph(f, params)
+    results = []
+    for k in (3, 3, 2):
+        V = torch.randn(N, k, dtype=torch.float64, generator=generator)
+        out = graph.hvp_flat(V)
+        torch.testing.assert_close(out, dense_h @ V, atol=1e-10, rtol=0)
+        results.append((out, dense_h @ V))
+    for out, want in results:  # earlier results survive later calls
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
 
 
 def test_tuple_params_and_key_order(problem, generator):
@@ -252,6 +272,5 @@ def test_forward_over_reverse_torch_bug(generator, monkeypatch):
     except RuntimeError as error:
         assert "123996" in str(error)
     # the package re-exports the function hvp, which shadows the submodule attribute
-    hvp_module = importlib.import_module("torsion.curvature._hvp")
     monkeypatch.setattr(hvp_module, "_auto_method", lambda params, block: "forward_over_reverse")
     torch.testing.assert_close(hvp(f, w, v), expected, atol=1e-12, rtol=0)

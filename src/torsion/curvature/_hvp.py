@@ -126,6 +126,11 @@ def _grad_or_zeros(outputs: list[Tensor], inputs: list[Tensor], grad_outputs, **
 
 # ------------------------------------------------------------------------------ engine
 
+#: Elements per chunk of a transposing copy on the CPU (512 KiB in float32, about an L2
+#: cache): a (1.1M, 8) float32 block transposes in 5.9 ms in 16K-row chunks against 13.1 ms
+#: in one copy (2-core Xeon, one thread).
+_TRANSPOSE_CHUNK_ELEMENTS = 1 << 17
+
 
 class GradientGraph:
     """The gradient of ``f`` at ``params``, kept with its graph for repeated products.
@@ -162,6 +167,7 @@ class GradientGraph:
         self._shapes = [x.shape for x in self._inputs]
         self._numels = [x.numel() for x in self._inputs]
         self._size = sum(self._numels)
+        self._rows: Tensor | None = None  # hvp_flat's transposed block, reused
 
     def hvp(self, v: Any, *, block: bool = False) -> Any:
         """Hessian-vector product with ``v`` (or with each vector of a block)."""
@@ -180,7 +186,10 @@ class GradientGraph:
         leaves, each product is written straight into a row of one output buffer, and the
         result is its transpose. A block whose columns are contiguous (``V.mT`` row-major,
         as :func:`~torsion.curvature.eigsh` passes) is split without a copy; any other is
-        transposed once.
+        transposed once, into a buffer this graph keeps for the next block of the same
+        shape (a fresh one page-faults on first touch, which on a CPU costs as much as the
+        transposing copy itself) and, on a CPU, in cache-sized row chunks (a whole-block
+        transposing copy runs at a fraction of the memory bandwidth).
 
         Args:
             V: the block, one vector per column, in the flat layout of ``params``.
@@ -199,7 +208,7 @@ class GradientGraph:
             raise ValueError(f"V must have shape ({self._size}, k), got {tuple(V.shape)}")
         # One transposing copy when the vectors are columns of a column-major block: a
         # strided row would touch every cache line of the block in each product.
-        rows = V.mT.contiguous()
+        rows = V.mT if V.mT.is_contiguous() else self._transposed(V)
         out = torch.empty(rows.shape, dtype=V.dtype, device=V.device)
         for row, target in zip(rows, out, strict=True):
             pieces = row.split(self._numels)
@@ -207,6 +216,23 @@ class GradientGraph:
             grads = self._product(leaves)
             torch.cat([g.reshape(-1) for g in grads], out=target)
         return out.mT
+
+    def _transposed(self, V: Tensor) -> Tensor:
+        """``V.mT`` copied into the reused row-major buffer."""
+        rows = self._rows
+        if (
+            rows is None
+            or rows.shape != V.mT.shape
+            or rows.dtype != V.dtype
+            or rows.device != V.device
+        ):
+            rows = self._rows = torch.empty(V.mT.shape, dtype=V.dtype, device=V.device)
+        if V.device.type != "cpu":
+            return rows.copy_(V.mT)
+        step = max(1, _TRANSPOSE_CHUNK_ELEMENTS // max(V.shape[1], 1))
+        for start in range(0, V.shape[0], step):
+            rows[:, start : start + step].copy_(V[start : start + step].mT)
+        return rows
 
     def _product(self, v_leaves: list[Tensor]) -> list[Tensor]:
         return _grad_or_zeros(self._grads, self._inputs, v_leaves, retain_graph=True)
