@@ -23,15 +23,15 @@ apply the same polynomial to the non-symmetric operator.
 Sparse products. Each call assembles the normalized operator once as a compressed sparse
 row (CSR) matrix, with the pattern of its transpose for the backward pass, so every
 product is one CSR x dense multiplication (on CPU at 10^5 nodes, 10^6 edges and 64
-channels, 6x faster than PyG's gather/scatter message passing at one thread, 22x at two). Building it takes two
-sorts and index arithmetic whose shapes depend only on the input shapes (repeated edges
-stay as adjacent CSR entries, which the product sums), so there is no host
-synchronisation; ``cached=True`` builds the operator once for a fixed graph. When
-``edge_weight`` requires a gradient, it comes from one sampled dense-dense product
-(SDDMM, ``torch.sparse.sampled_addmm``) per sparse product in the backward pass. Each
-product is one ``propagate`` call, which runs the custom op ``torsion::csr_matmul``; the
-weights' gradient is the custom op ``torsion::csr_sddmm``; each op's derivatives are
-these two ops again, to any order.
+channels, 6x faster than PyG's gather/scatter message passing at one thread, 22x at
+two). Building it takes two sorts and index arithmetic whose shapes depend only on the
+input shapes (repeated edges stay as adjacent CSR entries, which the product sums), so
+there is no host synchronisation; ``cached=True`` builds the operator once for a fixed
+graph. When ``edge_weight`` requires a gradient, it comes from one sampled dense-dense
+product (SDDMM, ``torch.sparse.sampled_addmm``) per sparse product in the backward pass.
+Each product is one ``propagate`` call, which runs the custom op
+``torsion::csr_matmul``; the weights' gradient is the custom op ``torsion::csr_sddmm``;
+each op's derivatives are these two ops again, to any order.
 
 ``torch.compile``. The layers compile into one graph (``fullgraph=True``): the operator
 is built inside the graph, and the products call the custom ops on the CSR arrays
