@@ -590,3 +590,14 @@ def test_matrix_function_of_all_pairs_is_the_laplacian(generator):
 def test_small_graphs_all_sizes(n, k):
     eig = laplacian_eigs(cycle(n), n, k, dtype=F64, skip_null_space=True)
     assert int(eig.mask.sum()) == min(k, n - 1)
+
+
+def test_row_pointers_count_entries_per_row_in_any_order():
+    """CSR row pointers from unsorted rows, with empty rows at the start, middle and end."""
+    from torsion.spectral._eigensolvers import row_pointers
+
+    rows = torch.tensor([3, 1, 3, 1, 1, 5])
+    expected = torch.tensor([0, 0, 3, 3, 5, 5, 6, 6])  # rows 0, 2, 4, 6 empty
+    assert torch.equal(row_pointers(rows, 7), expected)
+    assert torch.equal(row_pointers(rows.int(), 7), expected)
+    assert torch.equal(row_pointers(rows[:0], 3), torch.zeros(4, dtype=torch.long))

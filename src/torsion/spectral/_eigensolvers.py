@@ -39,6 +39,7 @@ __all__ = [
     "csr_tensor",
     "lobpcg_eigs",
     "looks_mesh_like",
+    "row_pointers",
     "shift_invert_eigs",
 ]
 
@@ -52,6 +53,15 @@ _MAX_GROWTH = {torch.float32: 1e4, torch.float64: 1e8}
 # Blocks up to this size are filtered whole (they stay in cache anyway).
 _CACHE_BYTES = 2**22
 _MAX_DEGREE = 40
+
+
+def row_pointers(rows: Tensor, n: int) -> Tensor:
+    """The ``(n + 1,)`` int64 CSR row pointers of entries in rows ``rows`` (values in
+    ``[0, n)``, in any order): ``crow[i]`` counts the entries in rows below ``i``. Shapes
+    depend only on ``n``, so there is no host synchronisation and ``torch.compile``
+    traces it."""
+    counts = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    return counts.index_add(0, rows + 1, torch.ones_like(rows, dtype=torch.long)).cumsum(0)
 
 
 def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: int | tuple[int, int]) -> Tensor:
@@ -144,8 +154,7 @@ class SymmetricProblem:
         cols[off_pos] = col
         cols[diag_pos] = nodes
         index_dtype = torch.int32 if total < 2**31 - 1 else torch.int64
-        crow = torch.zeros(n + 1, dtype=torch.int64, device=device)
-        crow[1:] = torch.cumsum(torch.bincount(row, minlength=n) + 1, 0)
+        crow = row_pointers(row, n) + torch.arange(n + 1, device=device)  # + the diagonal
         return cls(
             crow=crow.to(index_dtype),
             col=cols.to(index_dtype),

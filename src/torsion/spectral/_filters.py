@@ -66,7 +66,7 @@ from torch.nn import Parameter
 from torch_geometric.nn import MessagePassing
 
 from torsion.manifolds import Stiefel, check_weight_manifold
-from torsion.spectral._eigensolvers import csr_tensor
+from torsion.spectral._eigensolvers import csr_tensor, row_pointers
 from torsion.spectral._polynomials import (
     Recurrence,
     bernstein_to_chebyshev,
@@ -220,10 +220,7 @@ def _csr_order(rows: Tensor, cols: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """``(crow, order)``: the row pointers of an ``n x n`` CSR matrix with entries at
     ``(rows, cols)``, and the permutation that sorts the entries by row, then column.
     Duplicates stay as adjacent entries, which a product sums."""
-    order = torch.argsort(rows * n + cols)
-    counts = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
-    counts = counts.index_add(0, rows + 1, torch.ones_like(rows))
-    return torch.cumsum(counts, 0), order
+    return row_pointers(rows, n), torch.argsort(rows * n + cols)
 
 
 @dataclass(frozen=True)

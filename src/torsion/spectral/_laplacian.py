@@ -32,6 +32,7 @@ from torsion.spectral._eigensolvers import (
     chebyshev_eigs,
     lobpcg_eigs,
     looks_mesh_like,
+    row_pointers,
     shift_invert_eigs,
 )
 
@@ -540,9 +541,7 @@ def _check_batch(
         raise ValueError(f"{name}: num_graphs must be an int >= batch.max() + 1 = {least}")
     if num_nodes > 0 and (bool((batch[1:] < batch[:-1]).any()) or int(batch[0]) < 0):
         raise ValueError(f"{name}: batch must be sorted and non-negative (PyG's Batch.batch is)")
-    counts = torch.bincount(batch, minlength=num_graphs)
-    ptr = torch.zeros(num_graphs + 1, dtype=torch.long, device=device)
-    ptr[1:] = torch.cumsum(counts, 0)
+    ptr = row_pointers(batch, num_graphs)
     if graph.row.numel() > 0 and not bool(torch.equal(batch[graph.row], batch[graph.col])):
         raise ValueError(f"{name}: an edge connects two different graphs of the batch")
     return batch, ptr

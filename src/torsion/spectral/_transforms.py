@@ -17,7 +17,7 @@ from torch_geometric.transforms import BaseTransform
 from torch_geometric.utils import coalesce
 
 from torsion._dtypes import tie_tolerance
-from torsion.spectral._eigensolvers import csr_tensor
+from torsion.spectral._eigensolvers import csr_tensor, row_pointers
 from torsion.spectral._laplacian import (
     _METHODS,
     _NORMALIZATIONS,
@@ -68,9 +68,7 @@ def _graph_sums(batch: Tensor | None, num_graphs: int, like: Tensor) -> Callable
         return lambda values: values.new_zeros((num_graphs, values.shape[1])).index_add_(
             0, batch, values
         )
-    counts = torch.bincount(batch, minlength=num_graphs)
-    crow = torch.zeros(num_graphs + 1, dtype=torch.long, device=batch.device)
-    crow[1:] = torch.cumsum(counts, 0)
+    crow = row_pointers(batch, num_graphs)
     if bool((batch[1:] >= batch[:-1]).all()):  # PyG's batches are sorted: no sort needed
         nodes = torch.arange(batch.numel(), device=batch.device)
     else:
@@ -293,8 +291,7 @@ def _validate_walk_inputs(
 
 
 def _csr(row: Tensor, col: Tensor, values: Tensor, n: int) -> Tensor:
-    crow = torch.zeros(n + 1, dtype=torch.long, device=row.device)
-    crow[1:] = torch.cumsum(torch.bincount(row, minlength=n), 0)
+    crow = row_pointers(row, n)
     small = row.numel() < 2**31 - 1
     return csr_tensor(crow.int() if small else crow, col.int() if small else col, values, n)
 
