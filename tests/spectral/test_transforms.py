@@ -113,6 +113,25 @@ def test_laplacian_pe_on_a_batch_equals_per_graph(generator):
     assert collated.lap_pe_eigvals.shape == out.lap_pe_eigvals.shape
 
 
+def test_encodings_of_a_batch_split_back_into_its_graphs(generator):
+    """``to_data_list()`` and ``batch[i]`` return each graph's encodings (PyG drops the
+    attributes it did not collate), and the caller's batch keeps its split tables."""
+    graphs = small_graphs(generator)
+    for g in graphs:
+        g.x = torch.randn(g.num_nodes, 2, generator=generator)
+    batch = Batch.from_data_list(graphs)
+    tables = (dict(batch._slice_dict), dict(batch._inc_dict))
+    out = AddRandomWalkPE(walk_length=3)(AddLaplacianPE(k=4)(batch))
+    out = AddRandomWalkPE(walk_length=2, attr_name=None)(out)  # appended to x
+    assert (batch._slice_dict, batch._inc_dict) == tables
+    for i, (graph, split) in enumerate(zip(graphs, out.to_data_list(), strict=True)):
+        single = AddRandomWalkPE(walk_length=3)(AddLaplacianPE(k=4)(graph))
+        single = AddRandomWalkPE(walk_length=2, attr_name=None)(single)
+        for name in ("lap_pe", "lap_pe_eigvals", "lap_pe_mask", "rw_pe", "x"):
+            torch.testing.assert_close(split[name], single[name], atol=2e-5, rtol=0)
+            torch.testing.assert_close(out[i][name], single[name], atol=2e-5, rtol=0)
+
+
 def test_laplacian_pe_agrees_with_pyg_up_to_sign(generator):
     n = 30
     data = Data(edge_index=connected_random_graph(n, 20, generator), num_nodes=n)

@@ -55,6 +55,31 @@ def _graph_tensors(
     return edge_index, int(num_nodes), edge_weight, batch, num_graphs
 
 
+def _set_encodings(
+    data: Data, node_level: dict[str, Tensor], graph_level: dict[str, Tensor]
+) -> None:
+    """Store the encodings on ``data``. On a PyG ``Batch``, also record how each splits
+    into graphs (node rows by ``ptr``, graph rows one each), so that ``to_data_list()``
+    and ``batch[i]`` return them: PyG separates only the attributes it collated and
+    drops the others silently. The caller's ``Batch`` keeps its own split tables."""
+    for name, value in (*node_level.items(), *graph_level.items()):
+        data[name] = value
+    slices = getattr(data, "_slice_dict", None)
+    increments = getattr(data, "_inc_dict", None)
+    ptr = getattr(data, "ptr", None)
+    if slices is None or increments is None or ptr is None:
+        return
+    slices, increments = dict(slices), dict(increments)
+    ptr = ptr.cpu()
+    num_graphs = ptr.numel() - 1
+    graph_rows = torch.arange(num_graphs + 1)
+    for names, rows in ((node_level, ptr), (graph_level, graph_rows)):
+        for name in names:
+            slices[name] = rows
+            increments[name] = torch.zeros(num_graphs, dtype=torch.long)
+    data._slice_dict, data._inc_dict = slices, increments
+
+
 def _graph_sums(batch: Tensor | None, num_graphs: int, like: Tensor) -> Callable[[Tensor], Tensor]:
     """``values (N, k) -> (B, k)``: the sums of the node rows over each graph.
 
@@ -259,9 +284,8 @@ class AddLaplacianPE(BaseTransform):
             signs = torch.ones_like(values)
         if self.sign is not None:
             vectors = vectors * (signs[batch] if batch is not None else signs)
-        data[self.attr_name] = vectors
-        data[f"{self.attr_name}_eigvals"] = values
-        data[f"{self.attr_name}_mask"] = mask
+        graph_level = {f"{self.attr_name}_eigvals": values, f"{self.attr_name}_mask": mask}
+        _set_encodings(data, {self.attr_name: vectors}, graph_level)
         return data
 
     def __repr__(self) -> str:
@@ -448,15 +472,12 @@ class AddRandomWalkPE(BaseTransform):
         pe = random_walk_return_probabilities(
             edge_index, num_nodes, self.walk_length, edge_weight, batch
         )
-        if self.attr_name is None:
-            x = getattr(data, "x", None)
-            if x is None:
-                data.x = pe
-            else:
-                x = x.view(-1, 1) if x.dim() == 1 else x
-                data.x = torch.cat([x, pe.to(x.device, x.dtype)], dim=-1)
-        else:
-            data[self.attr_name] = pe
+        name = "x" if self.attr_name is None else self.attr_name
+        x = getattr(data, "x", None) if self.attr_name is None else None
+        if x is not None:
+            x = x.view(-1, 1) if x.dim() == 1 else x
+            pe = torch.cat([x, pe.to(x.device, x.dtype)], dim=-1)
+        _set_encodings(data, {name: pe}, {})
         return data
 
     def __repr__(self) -> str:
