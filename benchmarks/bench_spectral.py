@@ -14,6 +14,12 @@ Three measurements (issue 7, TARGETS.md section 5):
   ``tol=0``; its random start varies its run time, so it is timed over several calls).
 * **Random-walk PE** (walk length 20) on a 10,000-node Barabasi-Albert graph, and on the
   batch of small graphs: torsion's blocked exact ``AddRandomWalkPE`` against PyG's.
+* **One graph at a time** (a dataset's ``transform=`` / ``pre_transform=``): Laplacian PE
+  (k = 16) applied graph by graph to 1,000 of the small graphs, torsion and PyG alike,
+  plus torsion's batched route for a list of graphs (``Batch.from_data_list``, one call,
+  ``to_data_list()``, all three timed); and single mid-size graphs of 400-5,000 nodes
+  (Barabasi-Albert m = 3, sparse random, a 60 x 60 grid), where ``"auto"`` switches from
+  dense ``eigh`` to the iterative solvers. Ratios against the faster of PyG's two settings.
 
 Correctness before timing: torsion's eigenvalues are checked against a reference (dense
 ``eigvalsh`` in float64 for the small graphs and the ``--quick`` sizes; for 1e5 nodes a
@@ -247,6 +253,82 @@ def small_graph_batch(args, count: int) -> dict:
     return record
 
 
+def one_graph_at_a_time(args, count: int, sizes: tuple[int, ...]) -> list[dict]:
+    """Per-graph calls: small graphs one by one (and torsion's batched route for a list),
+    and single mid-size graphs. Ratios against the faster PyG setting."""
+    graphs = small_graphs(count, SEED + 2)
+    torsion_pe = AddLaplacianPE(K)
+
+    def batched_route():
+        out = torsion_pe(Batch.from_data_list(graphs)).to_data_list()
+        assert out[-1].lap_pe.shape == (graphs[-1].num_nodes, K)
+
+    cases = [
+        (
+            f"{count} graphs of 20-40 nodes, one call each",
+            lambda: [torsion_pe(g) for g in graphs],
+            lambda: [pyg_lap_pe(g) for g in graphs],
+            lambda: [pyg_lap_pe(g, is_undirected=True) for g in graphs],
+            batched_route,
+        )
+    ]
+    mids = [(f"Barabasi-Albert m=3, {n} nodes", barabasi_albert(n, 3, SEED), n) for n in sizes]
+    mids += [
+        (f"sparse random, degree 10, {n} nodes", sparse_random(n, 10, SEED), n) for n in sizes[1:]
+    ]
+    mids.append(("grid 60x60, 3600 nodes", grid(60, 60), 3600))
+    for name, edge_index, n in mids:
+        data = Data(edge_index=edge_index, num_nodes=n)
+        cases.append(
+            (
+                name,
+                lambda data=data: torsion_pe(data),
+                lambda data=data: pyg_lap_pe(data),
+                lambda data=data: pyg_lap_pe(data, is_undirected=True),
+                None,
+            )
+        )
+    records = []
+    for name, ours, pyg, pyg_eigh, route in cases:
+        fns = {"torsion": ours, "pyg": pyg, "pyg_eigh": pyg_eigh}
+        if route is not None:
+            fns["torsion_batched"] = route
+        timings = time_fns(fns, warmup=1, repeats=max(3, min(args.repeats, 5)))
+        ms = {key: t.median_ms for key, t in timings.items()}
+        records.append({"case": name, "ms": ms, "timing": timings})
+        print(f"{name}: torsion {fmt_ms(ms['torsion'])} ms, PyG {fmt_ms(ms['pyg'])} ms", flush=True)
+    return records
+
+
+def one_graph_table(records: list[dict]) -> str:
+    headers = [
+        "case",
+        "torsion ms",
+        "PyG ms",
+        "PyG eigh ms",
+        "best PyG/torsion",
+        "torsion batched route ms",
+        "best PyG/batched route",
+    ]
+    rows = []
+    for r in records:
+        ms = r["ms"]
+        best = min(ms["pyg"], ms["pyg_eigh"])
+        route = ms.get("torsion_batched")
+        rows.append(
+            [
+                r["case"],
+                fmt_ms(ms["torsion"]),
+                fmt_ms(ms["pyg"]),
+                fmt_ms(ms["pyg_eigh"]),
+                fmt_ratio(ratio(best, ms["torsion"])),
+                "" if route is None else fmt_ms(route),
+                "" if route is None else fmt_ratio(ratio(best, route)),
+            ]
+        )
+    return render_table(headers, rows)
+
+
 def reference_solve(edge_index: torch.Tensor, n: int, mesh: bool) -> torch.Tensor:
     if n <= 4000:
         lap = laplacian(edge_index, n, torch.ones(edge_index.shape[1], dtype=torch.float64), "sym")
@@ -449,8 +531,10 @@ def main() -> int:
     print(environment_line(env), flush=True)
     if args.quick:
         count, big, side, rw_nodes = 200, 1200, 35, 1500
+        singles, mid_sizes = 50, (400, 1000)
     else:
         count, big, side, rw_nodes = 10_000, 100_000, 316, 10_000
+        singles, mid_sizes = 1000, (400, 1000, 3000, 5000)
 
     small = small_graph_batch(args, count)
     large = [
@@ -473,6 +557,8 @@ def main() -> int:
         ),
     ]
 
+    single = one_graph_at_a_time(args, singles, mid_sizes)
+
     tables = [
         f"Laplacian PE, k = {K}, one batched call (float32, and float64) vs PyG graph by "
         "graph (median ms; errors and residuals over the first 500 graphs; torsion's "
@@ -482,6 +568,8 @@ def main() -> int:
         f"{large[0]['timing']['pyg'].repeats} calls each; PyG's worst run for errors).\n\n"
         + lap_table(large),
         f"Random-walk PE, walk length {WALK} (median ms).\n\n" + rw_table(rw),
+        f"Laplacian PE, k = {K}, one graph at a time (median ms of all the calls; "
+        "the batched route: collate, one call, to_data_list()).\n\n" + one_graph_table(single),
     ]
     table = "\n\n".join(tables)
     print()
@@ -489,7 +577,11 @@ def main() -> int:
     print()
     print(environment_line(env))
     json_path, md_path = write_results(
-        "spectral", args, env, [{"small": small}, {"large": large}, {"random_walk": rw}], table
+        "spectral",
+        args,
+        env,
+        [{"small": small}, {"large": large}, {"random_walk": rw}, {"one_graph": single}],
+        table,
     )
     print(f"\nwrote {json_path} and {md_path}")
     return 0

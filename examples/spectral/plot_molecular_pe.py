@@ -157,23 +157,9 @@ padded = (~everything.lap_pe_mask).any(1).sum()
 print(f"{int(padded)} molecules have fewer than {NUM_EIGENPAIRS} non-trivial eigenpairs")
 
 
-def split_per_molecule(batch: Batch, graphs: list[Data]) -> list[Data]:
-    """Hand the encodings computed on the whole batch back to the molecules."""
-    bounds = batch.ptr[1:-1].tolist()
-    node_rows = {name: batch[name].tensor_split(bounds) for name in ("lap_pe", "rw_pe")}
-    return [
-        Data(
-            **graph.to_dict(),
-            lap_pe=node_rows["lap_pe"][i],
-            rw_pe=node_rows["rw_pe"][i],
-            lap_pe_eigvals=batch.lap_pe_eigvals[i : i + 1],
-            lap_pe_mask=batch.lap_pe_mask[i : i + 1],
-        )
-        for i, graph in enumerate(graphs)
-    ]
-
-
-dataset = split_per_molecule(everything, graphs)
+# Both transforms record how their attributes split, so ``to_data_list()`` hands each
+# molecule its rows.
+dataset = everything.to_data_list()
 split = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1)).tolist()
 num_val = num_test = len(dataset) // 10
 test_set = [dataset[i] for i in split[:num_test]]

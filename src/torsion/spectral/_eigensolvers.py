@@ -53,6 +53,10 @@ _MAX_GROWTH = {torch.float32: 1e4, torch.float64: 1e8}
 # Blocks up to this size are filtered whole (they stay in cache anyway).
 _CACHE_BYTES = 2**22
 _MAX_DEGREE = 40
+# From this many nodes up, the Chebyshev filter's upper end is estimated by Lanczos rather
+# than taken from the hard bound: measured, the estimate made whole solves 5-15 % faster on
+# 3e4- and 1e5-node small-world graphs, but 10-45 % slower on 400- to 1e4-node ones.
+_TOP_ESTIMATE_MIN_NODES = 20_000
 
 
 def row_pointers(rows: Tensor, n: int) -> Tensor:
@@ -405,18 +409,23 @@ def chebyshev_eigs(
     """
     free = problem.n - problem.num_null
     p = min(free, nev + max(8, nev // 2))
-    upper = _spectrum_top(problem, generator)
+    upper = (
+        _spectrum_top(problem, generator) if problem.n >= _TOP_ESTIMATE_MIN_NODES else problem.bound
+    )
     x = _start_block(problem, p, generator, initial)
     tol_abs = tol * problem.bound
+
     # whole block at once where it fits in cache (or on GPUs), else cache-line-wide blocks
-    itemsize = torch.finfo(filter_dtype).bits // 8
-    small = problem.n * p * itemsize <= _CACHE_BYTES
-    chunk = p if small or problem.device.type != "cpu" else _CHUNK[filter_dtype]
+    def chunk_of(dtype: torch.dtype) -> int:
+        whole = problem.n * p * dtype.itemsize <= _CACHE_BYTES or problem.device.type != "cpu"
+        return p if whole else _CHUNK[dtype]
+
+    chunk, product_chunk = chunk_of(filter_dtype), chunk_of(torch.float64)
     max_growth = math.log(_MAX_GROWTH[filter_dtype])
     res = torch.full((nev,), math.inf, dtype=torch.float64, device=problem.device)
     theta = res
     for iteration in range(1, max_iter + 1):
-        theta, x, mx = _rayleigh_ritz(x, problem.matmul(x, _CHUNK[torch.float64]))
+        theta, x, mx = _rayleigh_ritz(x, problem.matmul(x, product_chunk))
         res = _column_norms(mx[:, :nev] - x[:, :nev] * theta[:nev])
         if bool((res <= tol_abs).all()):
             return SolverResult(theta[:nev], x[:, :nev], res, iteration)
