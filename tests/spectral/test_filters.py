@@ -443,9 +443,12 @@ def test_bad_shapes(name, generator):
             conv(torch.randn(n, C + 1), edge_index)
 
 
-def test_check_flag_validates_values(generator):
+@pytest.mark.parametrize("check", [None, True])
+def test_check_flag_validates_values(check, generator):
+    """Bad values raise clear errors: by default in eager mode on the CPU, and with
+    ``check=True`` everywhere; ``check=False`` leaves an out-of-range edge to torch."""
     edge_index, weight, n = _graph(generator)
-    conv = BernConv(2, check=True)
+    conv = BernConv(2, check=check)
     x = torch.randn(n, C)
     with pytest.raises(ValueError, match="outside"):
         conv(x[: n - 2], edge_index)  # the graph has nodes up to n - 2
@@ -456,6 +459,8 @@ def test_check_flag_validates_values(generator):
     bad[0] = -1.0
     with pytest.raises(ValueError, match="negative"):
         conv(x, edge_index, bad)
+    with pytest.raises(IndexError):
+        BernConv(2, check=False)(x[: n - 2], edge_index)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FILTERS))

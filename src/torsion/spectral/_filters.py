@@ -36,8 +36,10 @@ each op's derivatives are these two ops again, to any order.
 ``torch.compile``. The layers compile into one graph (``fullgraph=True``): the operator
 is built inside the graph, and the products call the custom ops on the CSR arrays
 directly (a compiled graph cannot hold a sparse tensor, and ``propagate``'s sparse path
-cannot be traced). ``check=True`` reads values back to the host and breaks the graph; it
-is for eager debugging.
+cannot be traced). The value checks of the inputs (edge indices in range, weights finite
+and non-negative) run by default in eager mode on the CPU only; ``check=True`` runs them
+everywhere, reading values back to the host (a device sync, and a graph break when
+compiled): it is for debugging.
 
 Manifold constraints. The filters with per-channel coefficients, :class:`JacobiConv` and
 :class:`OptBasisConv`, take ``weight_manifold="stiefel"``: they then filter along the
@@ -103,9 +105,14 @@ def _check_channels_match(name: str, channels: int, x: Tensor) -> None:
 
 
 def _check_graph(
-    name: str, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, check: bool
+    name: str, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None, check: bool | None
 ) -> None:
-    """Shape and dtype checks (free), and with ``check=True`` value checks (a host sync)."""
+    """Shape and dtype checks (free), then value checks: edge indices in range, weights
+    finite and non-negative. ``check=None`` runs the value checks in eager mode on the CPU,
+    where they cost a pass over the edges and no device synchronisation (without them an
+    out-of-range edge fails inside torch with "index out of range in self"), and skips
+    them under ``torch.compile`` and on other devices; ``True`` always runs them (host
+    syncs), ``False`` never."""
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() != 2:
         raise ValueError(
             f"{name} expects node features x of shape (num_nodes, channels) with a floating "
@@ -138,14 +145,17 @@ def _check_graph(
                 f"{name} expects edge_weight of shape ({edge_index.size(1)},) (one per edge) "
                 f"with a floating dtype, got {_describe(edge_weight)}"
             )
+    if check is None:
+        check = x.device.type == "cpu" and not torch.compiler.is_compiling()
     if not check:
         return
     n = x.size(0)
-    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= n):
-        raise ValueError(
-            f"{name}: edge_index holds node indices outside [0, {n}) "
-            f"(min {int(edge_index.min())}, max {int(edge_index.max())})"
-        )
+    if edge_index.numel():
+        low, high = (int(v) for v in torch.aminmax(edge_index))
+        if low < 0 or high >= n:
+            raise ValueError(
+                f"{name}: edge_index holds node indices outside [0, {n}) (min {low}, max {high})"
+            )
     if edge_weight is not None and edge_weight.numel():
         if not bool(torch.isfinite(edge_weight).all()):
             raise ValueError(f"{name}: edge_weight has non-finite entries (NaN or Inf)")
@@ -368,12 +378,12 @@ class _PolynomialFilter(MessagePassing, abc.ABC):
     # Chebyshev recurrence in 2(L - I), which saves one elementwise pass per product.
     _operator_scale: float = 1.0
 
-    def __init__(self, K: int, *, add_self_loops: bool, cached: bool, check: bool) -> None:
+    def __init__(self, K: int, *, add_self_loops: bool, cached: bool, check: bool | None) -> None:
         super().__init__(aggr="add")
         self.K = _check_degree(type(self).__name__, K)
         self.add_self_loops = bool(add_self_loops)
         self.cached = bool(cached)
-        self.check = bool(check)
+        self.check = None if check is None else bool(check)
         self._cached_operator: _Operator | None = None
 
     def reset_parameters(self) -> None:
@@ -474,7 +484,9 @@ class GPRConv(_PolynomialFilter):
             Default 0.1.
         add_self_loops: use ``A + I`` (default ``True``).
         cached: keep the normalized operator of the first call (transductive use only).
-        check: validate edge indices and weights on every call (host syncs; default off).
+        check: validate edge indices and weights: ``None`` (default) in eager mode on
+            the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
+            never.
 
     Shapes:
         ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``; output
@@ -495,7 +507,7 @@ class GPRConv(_PolynomialFilter):
         *,
         add_self_loops: bool = True,
         cached: bool = False,
-        check: bool = False,
+        check: bool | None = None,
     ) -> None:
         super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
         if not 0.0 < alpha <= 1.0:
@@ -541,7 +553,9 @@ class BernConv(_PolynomialFilter):
         K: polynomial degree, ``>= 0``. Default 10.
         add_self_loops: build ``L`` from ``A + I`` (default ``False``, as in the paper).
         cached: keep the normalized operator of the first call (transductive use only).
-        check: validate edge indices and weights on every call (host syncs; default off).
+        check: validate edge indices and weights: ``None`` (default) in eager mode on
+            the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
+            never.
 
     Shapes:
         ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``; output
@@ -563,7 +577,7 @@ class BernConv(_PolynomialFilter):
         *,
         add_self_loops: bool = False,
         cached: bool = False,
-        check: bool = False,
+        check: bool | None = None,
     ) -> None:
         super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
         self.theta = Parameter(torch.empty(self.K + 1))
@@ -605,7 +619,9 @@ class ChebIIConv(_PolynomialFilter):
         K: polynomial degree, ``>= 0``. Default 10.
         add_self_loops: build ``L`` from ``A + I`` (default ``False``, as in the paper).
         cached: keep the normalized operator of the first call (transductive use only).
-        check: validate edge indices and weights on every call (host syncs; default off).
+        check: validate edge indices and weights: ``None`` (default) in eager mode on
+            the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
+            never.
 
     Shapes:
         ``x``: ``(N, C)``; ``edge_index``: ``(2, E)``; ``edge_weight``: ``(E,)``; output
@@ -626,7 +642,7 @@ class ChebIIConv(_PolynomialFilter):
         *,
         add_self_loops: bool = False,
         cached: bool = False,
-        check: bool = False,
+        check: bool | None = None,
     ) -> None:
         super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
         self.gamma = Parameter(torch.empty(self.K + 1))
@@ -681,7 +697,9 @@ class JacobiConv(_PolynomialFilter):
         alpha: scale of the coefficient decomposition, ``> 0``. Default 1.0.
         add_self_loops: use ``A + I`` (default ``False``, as in the paper).
         cached: keep the normalized operator of the first call (transductive use only).
-        check: validate edge indices and weights on every call (host syncs; default off).
+        check: validate edge indices and weights: ``None`` (default) in eager mode on
+            the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
+            never.
         weight_manifold: ``None`` (default: no channel frame, the paper's layer) or
             ``"stiefel"`` (an orthogonal channel frame, see above).
 
@@ -703,7 +721,7 @@ class JacobiConv(_PolynomialFilter):
         *,
         add_self_loops: bool = False,
         cached: bool = False,
-        check: bool = False,
+        check: bool | None = None,
         weight_manifold: str | None = None,
     ) -> None:
         super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
@@ -791,7 +809,9 @@ class OptBasisConv(_PolynomialFilter):
         basis: ``"optimal"`` (default) or ``"favard"``.
         add_self_loops: use ``A + I`` (default ``False``, as in the paper).
         cached: keep the normalized operator of the first call (transductive use only).
-        check: validate edge indices and weights on every call (host syncs; default off).
+        check: validate edge indices and weights: ``None`` (default) in eager mode on
+            the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
+            never.
         weight_manifold: ``None`` (default: no channel frame, the paper's layer) or
             ``"stiefel"`` (an orthogonal channel frame, see above).
 
@@ -820,7 +840,7 @@ class OptBasisConv(_PolynomialFilter):
         *,
         add_self_loops: bool = False,
         cached: bool = False,
-        check: bool = False,
+        check: bool | None = None,
         weight_manifold: str | None = None,
     ) -> None:
         super().__init__(K, add_self_loops=add_self_loops, cached=cached, check=check)
