@@ -633,13 +633,13 @@ def _dense_eigs(
     else:
         inv = _inv_sqrt_degree(degree)
         off, diagonal = -graph.weight * inv[row] * inv[col], (degree > 0).to(dtype)
+    slot = torch.full((sizes.numel(),), -1, dtype=torch.long, device=device)
     for size, members, edges in _size_groups(row, ptr, sizes, chosen):
         b = members.numel()
         if edges is None:  # one graph, all the edges: its nodes are 0 .. size - 1
             flat, values = row * size + col, off
-            nodes = rows = (None, slice(None))  # per-node tensors viewed as (1, size)
+            nodes, rows = (None, slice(None)), slice(None)  # per-node tensors as (1, size)
         else:
-            slot = torch.full((sizes.numel(),), -1, dtype=torch.long, device=device)
             slot[members] = torch.arange(b, device=device)
             g = batch[row[edges]]
             first = ptr[g]
