@@ -291,6 +291,44 @@ def test_null_space_multiplicity_and_canonical_basis(generator):
     torch.testing.assert_close(skipped.eigenvalues, ref_values[5:7], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["dense", "lobpcg", "batched"])
+def test_zero_weight_edges_do_not_connect_components(method, generator):
+    """Two pieces joined only by edges of weight 0 are two components: L has two null
+    vectors, and skip_null_space must not return the second as a 'non-trivial' pair."""
+    a, b = 40, 50
+    edges = torch.cat(
+        [connected_random_graph(a, 20, generator), connected_random_graph(b, 25, generator) + a], 1
+    )
+    bridge = torch.tensor([[0, a, 5, a + 7], [a, 0, a + 7, 5]])
+    weight = torch.cat([symmetric_weights(edges, generator), torch.zeros(4, dtype=F64)])
+    edges, n, k = torch.cat([edges, bridge], 1), a + b, 4
+    ref_values, _ = reference(edges, n, "sym", weight)
+    assert int((ref_values.abs() < 1e-10).sum()) == 2
+
+    def solve(skip: bool) -> tuple[int, torch.Tensor]:
+        if method != "batched":
+            eig = laplacian_eigs(
+                edges, n, k, edge_weight=weight, method=method, tol=1e-10, skip_null_space=skip
+            )
+            return int(eig.num_components), eig.eigenvalues
+        # the same graph as the second of a batch
+        batch = torch.repeat_interleave(torch.tensor([0, 1]), torch.tensor([5, n]))
+        eig = laplacian_eigs(
+            torch.cat([cycle(5), edges + 5], 1),
+            n + 5,
+            k,
+            edge_weight=torch.cat([torch.ones(10, dtype=F64), weight]),
+            batch=batch,
+            skip_null_space=skip,
+        )
+        return int(eig.num_components[1]), eig.eigenvalues[1]
+
+    for skip, expected in ((False, ref_values[:k]), (True, ref_values[2 : 2 + k])):
+        components, values = solve(skip)
+        assert components == 2
+        torch.testing.assert_close(values, expected, rtol=0, atol=1e-8)
+
+
 def test_combinatorial_null_vectors_are_normalized_indicators():
     edges = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2]])
     eig = laplacian_eigs(edges, 5, 5, None, dtype=F64)
@@ -373,6 +411,40 @@ def test_batched_matches_per_graph(generator):
             )
             assert mismatch < 1e-8
             start += n
+
+
+@pytest.mark.parametrize("normalization", [None, "sym", "rw"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_one_graph_route_matches_the_batched_route(normalization, skip, generator):
+    """A single graph takes its own dense route; the batched route is its oracle, on
+    messy input: multi-edges, self-loops, isolated nodes, random weights, int32 indices."""
+    n, k = 23, 20  # 5 components: with skip_null_space, 18 pairs and 2 padded
+    edges = torch.cat([connected_random_graph(15, 8, generator), cycle(5) + 16], 1)
+    weight = symmetric_weights(edges, generator)
+    extra = torch.tensor([[0, 1, 3, 17], [1, 0, 3, 17]])  # a repeated edge, two loops
+    edges = torch.cat([edges, extra], 1).int()
+    weight = torch.cat([weight, torch.tensor([0.3, 0.3, 2.0, 5.0], dtype=F64)])
+    single = laplacian_eigs(edges, n, k, normalization, edge_weight=weight, skip_null_space=skip)
+    other = cycle(4).int()  # a first graph of another size puts ours on the batched route
+    batch = torch.repeat_interleave(torch.tensor([0, 1]), torch.tensor([4, n]))
+    batched = laplacian_eigs(
+        torch.cat([other, edges + 4], 1),
+        n + 4,
+        k,
+        normalization,
+        batch=batch,
+        edge_weight=torch.cat([torch.ones(8, dtype=F64), weight]),
+        skip_null_space=skip,
+    )
+    assert int(single.num_components) == int(batched.num_components[1]) == 5
+    assert torch.equal(single.mask, batched.mask[1])
+    assert single.mask.sum() == (n - 5 if skip else k)
+    torch.testing.assert_close(single.eigenvalues, batched.eigenvalues[1], rtol=0, atol=1e-12)
+    assert single.residuals.max() < 1e-12
+    # distinct eigenvalues (random weights): the vectors agree up to sign
+    theirs = batched.eigenvectors[4:]
+    signs = torch.where((single.eigenvectors * theirs).sum(0) < 0, -1.0, 1.0).to(F64)
+    torch.testing.assert_close(single.eigenvectors * signs, theirs, rtol=0, atol=1e-10)
 
 
 def test_batched_trailing_empty_graphs():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import doctest
+import math
 import warnings
 
 import pytest
@@ -177,6 +178,44 @@ def test_canonical_sign_rule_and_fallback():
         assert signs.dtype == dtype and signs.tolist() == [[-1.0, 1.0], [1.0, 1.0]]
     perm = torch.tensor([2, 0, 3, 1])
     assert canonical_signs(w[perm], batch[perm], 2).tolist() == [[-1.0, 1.0], [1.0, 1.0]]
+
+
+def reference_sign(v: torch.Tensor) -> float:
+    """The documented rule for one eigenvector on one graph, column by column."""
+    tau = torch.finfo(v.dtype).eps ** (1 / 3)
+    if not v.any():
+        return 1.0
+    for p in (3, 5, 7):
+        moment = float((v**p).sum())
+        if abs(moment) > tau * float((v.abs() ** p).sum()):
+            return math.copysign(1.0, moment)
+    peak = v.abs().max()
+    first = int(torch.nonzero(v.abs() >= (1 - tau) * peak)[0])
+    return math.copysign(1.0, float(v[first]))
+
+
+def test_canonical_signs_match_the_rule_column_by_column(generator):
+    # per graph: generic columns, antisymmetric ones (every odd moment vanishes), ones
+    # whose cube moment vanishes but not the fifth (1 + 1 - (2^1/3)^3 = 0), zero padding
+    sizes = [6, 9, 7]
+    blocks, flips = [], []
+    for n in sizes:
+        generic = torch.randn(n, 2, generator=generator, dtype=F64)
+        half = torch.randn(n // 2, 1, generator=generator, dtype=F64)
+        anti = torch.cat([half, -half.flip(0), torch.zeros(n % 2, 1, dtype=F64)])
+        cube_free = torch.zeros(n, 1, dtype=F64)
+        cube_free[:3, 0] = torch.tensor([1.0, 1.0, -(2 ** (1 / 3))], dtype=F64)
+        flip = float(torch.randint(0, 2, (), generator=generator) * 2 - 1)
+        flips.append(flip)
+        blocks.append(torch.cat([generic, anti, flip * cube_free, torch.zeros(n, 1)], 1))
+    vectors = torch.cat(blocks)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    expected = [[reference_sign(block[:, j]) for j in range(5)] for block in blocks]
+    assert canonical_signs(vectors, batch, len(sizes)).tolist() == expected
+    for block, row in zip(blocks, expected, strict=True):
+        assert canonical_signs(block).tolist() == [row]
+    # sum of fifth powers 2 - 2^(5/3) < 0: the canonical sign undoes each flip, negated
+    assert [row[3] for row in expected] == [-flip for flip in flips]
 
 
 def test_random_signs_are_reproducible_with_a_generator(generator):
