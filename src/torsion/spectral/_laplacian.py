@@ -44,10 +44,6 @@ Method = Literal["auto", "dense", "chebyshev", "lobpcg", "arpack", "shift_invert
 
 _NORMALIZATIONS = (None, "sym", "rw")
 _METHODS = ("auto", "dense", "chebyshev", "lobpcg", "arpack", "shift_invert")
-# Graphs up to this size are solved by dense eigh (exact): measured for k = 16 on one
-# CPU thread, eigh and the Chebyshev solver cross at about 384 nodes (9.6 ms and 8.8 ms on
-# a Barabasi-Albert graph), and at 1024 nodes eigh takes 102 ms against 16 ms.
-_DENSE_MAX_NODES = 384
 _DEFAULT_TOL = 1e-6
 #: Graphs with more edges find their components with SciPy on the CPU, smaller ones by
 #: pointer jumping (measured: 49 us against SciPy's 190 us on a 30-node molecule, 190 us
@@ -214,6 +210,18 @@ def _not_undirected(name: str) -> ValueError:
     )
 
 
+def _dense_max_nodes(device: torch.device) -> int:
+    """The largest graph ``method="auto"`` solves by dense ``eigh`` (exact).
+
+    Measured for ``k = 16`` on the CPU: on one thread ``eigh`` and the Chebyshev solver
+    cross at about 330 nodes (5.8 against 6.1 ms at 320 nodes, 8.6 against 6.5 ms at 384,
+    on a Barabasi-Albert graph); on two, which ``eigh`` uses and the filter's small sparse
+    products hardly do, at about 400 (6.6 against 7.3 ms at 384). At 1024 nodes ``eigh``
+    takes 102 ms against 16 ms.
+    """
+    return 320 if device.type == "cpu" and torch.get_num_threads() == 1 else 384
+
+
 def _inv_sqrt_degree(degree: Tensor) -> Tensor:
     """``d^-1/2`` where ``d > 0``, else ``0`` (the pseudo-inverse square root)."""
     positive = degree > 0
@@ -243,8 +251,9 @@ def laplacian(
 
     The result is a coalesced COO tensor: it lives on any device, supports autograd
     with respect to ``edge_weight`` and ``L @ x``; call ``.to_sparse_csr()`` for faster
-    repeated products on the CPU. Explicit zeros are not stored: an isolated node has no
-    entry at all.
+    repeated products on the CPU. Zero diagonal entries are not stored (an isolated node
+    has no entry at all); an edge of weight 0 keeps its zero entry, through which the
+    gradient reaches its weight.
 
     Args:
         edge_index: ``(2, E)`` integer node indices in ``[0, num_nodes)``.
@@ -463,7 +472,8 @@ def laplacian_eigs(
     * ``"arpack"``: plain ARPACK Lanczos (SciPy, CPU) with a start vector from
       ``generator`` and ``ncv = max(2k + 1, k + 32)``.
     * ``"lobpcg"``: block LOBPCG on the input device (no preconditioner).
-    * ``"auto"``: dense for graphs of at most 384 nodes; larger graphs use
+    * ``"auto"``: dense for graphs of at most 384 nodes (320 on one CPU thread); larger
+      graphs use
       ``"shift_invert"`` on the CPU when a breadth-first search finds the graph
       mesh-like (more than ``4 log2 N + 10`` hops across), and ``"chebyshev"`` otherwise
       and on every other device.
@@ -542,7 +552,8 @@ def laplacian_eigs(
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"{name}: tol must be a positive finite number, got {tol!r}")
     dtype = _resolve_dtype(edge_weight, dtype, name)
-    dense = method == "dense" or (method == "auto" and num_nodes <= _DENSE_MAX_NODES)
+    dense_max = _dense_max_nodes(edge_index.device)
+    dense = method == "dense" or (method == "auto" and num_nodes <= dense_max)
     if batch is None and dense and k > 0 and num_nodes > 0:
         return _one_dense_graph(
             edge_index, num_nodes, edge_weight, k, normalization, skip_null_space, dtype, name
@@ -566,7 +577,7 @@ def laplacian_eigs(
             torch.full_like(count, k) if skip_null_space else (k - count).clamp_min(0),
             sizes - count,
         )
-        dense = _dense_mask(method, sizes, count, want)
+        dense = _dense_mask(method, sizes, count, want, dense_max)
         out = (values, vectors, mask, residuals)
         chosen = torch.nonzero(dense).squeeze(1)
         if chosen.numel() > 0:
@@ -687,17 +698,17 @@ def _check_batch(
     return batch, ptr
 
 
-def _dense_mask(method: str, sizes: Tensor, count: Tensor, want: Tensor) -> Tensor:
+def _dense_mask(method: str, sizes: Tensor, count: Tensor, want: Tensor, dense_max: int) -> Tensor:
     """Which graphs go to the dense path: all with ``method="dense"``; those with nothing
     to solve; those too small for a block method (fewer non-null pairs than twice the
-    block); and with ``"auto"`` those of at most ``_DENSE_MAX_NODES`` nodes."""
+    block); and with ``"auto"`` those of at most ``dense_max`` nodes."""
     if method == "dense":
         return torch.ones_like(sizes, dtype=torch.bool)
     free = sizes - count
     block = want + (want // 2).clamp_min(8)
     dense = (want == 0) | (free < 2 * block)
     if method == "auto":
-        dense |= sizes <= _DENSE_MAX_NODES
+        dense |= sizes <= dense_max
     return dense
 
 
