@@ -12,8 +12,10 @@ Three measurements (issue 7, TARGETS.md section 5):
   (m = 5), sparse random (average degree 10) and a 316 x 316 grid. torsion's
   ``method="auto"`` against PyG's ``AddLaplacianEigenvectorPE(16)`` (ARPACK, float32,
   ``tol=0``; its random start varies its run time, so it is timed over several calls).
-* **Random-walk PE** (walk length 20) on a 10,000-node Barabasi-Albert graph, and on the
-  batch of small graphs: torsion's blocked exact ``AddRandomWalkPE`` against PyG's.
+* **Random-walk PE** (walk length 20) on a 10,000-node Barabasi-Albert graph, on the
+  batch of small graphs, and graph by graph on 1,000 of them: torsion's exact
+  ``AddRandomWalkPE`` (blocked sparse products; dense powers for one graph of at most
+  160 nodes) against PyG's.
 * **One graph at a time** (a dataset's ``transform=`` / ``pre_transform=``): Laplacian PE
   (k = 16) applied graph by graph to 1,000 of the small graphs, torsion and PyG alike,
   plus torsion's batched route for a list of graphs (``Batch.from_data_list``, one call,
@@ -429,6 +431,38 @@ def random_walk(args, name: str, data: Data, repeats_pyg: int) -> dict:
     return record
 
 
+def random_walk_graph_by_graph(args, count: int) -> dict:
+    """RWPE applied graph by graph (a data set's ``transform=``), torsion and PyG alike."""
+    graphs = [g.to(args.device) for g in small_graphs(count, SEED + 3)]
+    ours = torch.cat([AddRandomWalkPE(WALK)(g).rw_pe.cpu() for g in graphs])
+    theirs = torch.cat([pyg_rw_pe(g.cpu()) for g in graphs])
+    err = check_close("torsion RWPE graph by graph", ours, theirs, rtol=1e-4, atol=1e-5)
+    transform = AddRandomWalkPE(WALK)
+    timings = time_fns(
+        {
+            "torsion": lambda: [transform(g) for g in graphs],
+            "pyg": lambda: [pyg_rw_pe(g) for g in graphs],
+        },
+        warmup=1,
+        repeats=max(3, min(args.repeats, 5)),
+        device=args.device,
+    )
+    record = {
+        "case": f"{count} graphs of 20-40 nodes, one call each",
+        "nodes": int(sum(g.num_nodes for g in graphs)),
+        "ms": {key: t.median_ms for key, t in timings.items()},
+        "timing": timings,
+        "max_abs_diff": float((ours - theirs).abs().max()),
+        "tolerance_use": err,
+    }
+    print(
+        f"RWPE graph by graph: torsion {fmt_ms(record['ms']['torsion'])} ms, PyG "
+        f"{fmt_ms(record['ms']['pyg'])} ms",
+        flush=True,
+    )
+    return record
+
+
 # ---------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------
@@ -555,6 +589,7 @@ def main() -> int:
             Batch.from_data_list(small_graphs(count, SEED)),
             repeats_pyg=min(args.repeats, 3),
         ),
+        random_walk_graph_by_graph(args, singles),
     ]
 
     single = one_graph_at_a_time(args, singles, mid_sizes)

@@ -323,12 +323,38 @@ def test_random_walk_pe_float64_and_blocks(monkeypatch, generator):
     edges = connected_random_graph(n, 30, generator)
     weight = symmetric_weights(edges, generator)
     monkeypatch.setattr(transforms_module, "_BLOCK_ENTRIES", 7 * n)  # blocks of 7 columns
+    monkeypatch.setattr(transforms_module, "_DENSE_WALK_MAX_NODES", 0)  # the sparse route
     ours = transforms_module.random_walk_return_probabilities(edges, n, 12, weight)
     assert ours.dtype == F64
     torch.testing.assert_close(ours, dense_return_probabilities(edges, n, weight, 12))
     directed = torch.randint(0, n, (2, 120), generator=generator)
     ours = transforms_module.random_walk_return_probabilities(directed, n, 7, weight[:120])
     torch.testing.assert_close(ours, dense_return_probabilities(directed, n, weight[:120], 7))
+
+
+@pytest.mark.parametrize("walk_length", [1, 2, 3, 8])
+@pytest.mark.parametrize("directed", [False, True])
+def test_random_walk_dense_and_sparse_routes_match_the_oracle(
+    walk_length, directed, monkeypatch, generator
+):
+    # a small graph takes dense powers (half of them when A is symmetric), a large one or
+    # a batch the blocked sparse walk: both against float64 matrix powers, odd and even
+    # walk lengths, with a self-loop, a repeated edge and an isolated node
+    n = 30
+    edges = connected_random_graph(n - 1, 12, generator)
+    weight = symmetric_weights(edges, generator)
+    extra = torch.tensor([[4, 0, 1], [4, 1, 0]])
+    edges = torch.cat([edges, extra], 1)
+    weight = torch.cat([weight, torch.tensor([0.7, 0.2, 0.2], dtype=F64)])
+    if directed:
+        keep = torch.rand(edges.shape[1], generator=generator) < 0.7
+        edges, weight = edges[:, keep], weight[keep]
+    expected = dense_return_probabilities(edges, n, weight, walk_length)
+    for dense_max in (160, 0):
+        monkeypatch.setattr(transforms_module, "_DENSE_WALK_MAX_NODES", dense_max)
+        ours = transforms_module.random_walk_return_probabilities(edges, n, walk_length, weight)
+        assert ours.shape == (n, walk_length) and ours.dtype == F64
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_random_walk_pe_on_a_batch_equals_per_graph(generator):
