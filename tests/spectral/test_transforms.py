@@ -357,6 +357,22 @@ def test_random_walk_dense_and_sparse_routes_match_the_oracle(
         torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
 
 
+def test_random_walk_long_walks_keep_to_the_sparse_route(monkeypatch, generator):
+    # the dense route's buffer holds walk_length n x n powers: bounded by _BLOCK_ENTRIES
+    n, walk_length = 120, 150  # 2.2e6 entries
+    edges = connected_random_graph(n, 60, generator)
+
+    def refuse(*args):
+        raise AssertionError("the dense route took a walk too long for its buffer")
+
+    monkeypatch.setattr(transforms_module, "_dense_walk", refuse)
+    ours = transforms_module.random_walk_return_probabilities(
+        edges, n, walk_length, torch.ones(edges.shape[1], dtype=F64)
+    )
+    expected = dense_return_probabilities(edges, n, None, walk_length)
+    torch.testing.assert_close(ours, expected)
+
+
 def test_random_walk_pe_on_a_batch_equals_per_graph(generator):
     graphs = small_graphs(generator)
     graphs.append(Data(edge_index=torch.randint(0, 8, (2, 20), generator=generator), num_nodes=8))

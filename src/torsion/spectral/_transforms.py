@@ -40,7 +40,7 @@ _BLOCK_ENTRIES = 2**21
 # One graph of at most this many nodes takes dense powers (walk length 20, Barabasi-Albert
 # graphs, one thread: 0.23 against 0.70 ms for the blocked sparse walk at 64 nodes, 1.30
 # against 1.42 ms at 160, 2.29 against 1.76 ms at 200, where the n^3 products dominate;
-# two threads cross above 200).
+# two threads cross above 200), if its powers fit in _BLOCK_ENTRIES.
 _DENSE_WALK_MAX_NODES = 160
 
 
@@ -354,7 +354,8 @@ def random_walk_return_probabilities(
         output ``(N, walk_length)`` in the dtype of ``edge_weight`` (else the default).
     """
     name = "AddRandomWalkPE"
-    if batch is None and 0 < num_nodes <= _DENSE_WALK_MAX_NODES and walk_length > 0:
+    powers = walk_length * num_nodes**2  # at most, in the dense route's buffer
+    if batch is None and 0 < num_nodes <= _DENSE_WALK_MAX_NODES and 0 < powers <= _BLOCK_ENTRIES:
         check_graph_inputs(edge_index, num_nodes, edge_weight, name)
         return _dense_walk(edge_index, num_nodes, walk_length, edge_weight, name)
     row, col, weight = _validate_walk_inputs(edge_index, num_nodes, edge_weight, name)
