@@ -447,6 +447,47 @@ def test_one_graph_route_matches_the_batched_route(normalization, skip, generato
     torch.testing.assert_close(single.eigenvectors * signs, theirs, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("normalization", [None, "sym", "rw"])
+def test_eigenvalues_are_differentiable_in_the_edge_weights(normalization, generator):
+    # the dense routes assemble the matrix with in-place ops: gradients must survive them
+    edges = connected_random_graph(7, 4, generator)
+    weight = symmetric_weights(edges, generator)
+    keys = torch.minimum(edges[0], edges[1]) * 7 + torch.maximum(edges[0], edges[1])
+    pairs, pair = torch.unique(keys, return_inverse=True)  # one free weight per edge pair
+    start = torch.zeros(pairs.numel(), dtype=F64).scatter_(0, pair, weight)  # symmetric
+    batch = torch.tensor([0] * 3 + [1] * 7)
+
+    def single(w):
+        return laplacian_eigs(edges, 7, 3, normalization, edge_weight=w[pair]).eigenvalues
+
+    def batched(w):
+        eig = laplacian_eigs(
+            torch.cat([cycle(3), edges + 3], 1),
+            10,
+            3,
+            normalization,
+            batch=batch,
+            edge_weight=torch.cat([torch.ones(6, dtype=F64), w[pair]]),
+        )
+        return eig.eigenvalues[1]
+
+    for fn in (single, batched):
+        assert torch.autograd.gradcheck(fn, (start.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("method", ["auto", "chebyshev", "lobpcg", "arpack", "shift_invert"])
+def test_iterative_solvers_refuse_weights_that_need_a_gradient(method, large_graph):
+    # they used to crash in SciPy (arpack, shift_invert) or record autograd through every
+    # iteration (chebyshev, lobpcg); without grad the same call returns plain values
+    edges, n, _, _ = large_graph
+    weight = torch.ones(edges.shape[1], dtype=F64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="method='dense'"):
+        laplacian_eigs(edges, n, 4, edge_weight=weight, method=method)
+    with torch.no_grad():
+        eig = laplacian_eigs(edges, n, 4, edge_weight=weight, method=method)
+    assert not eig.eigenvalues.requires_grad and eig.residuals.max() < 1e-5
+
+
 def test_batched_trailing_empty_graphs():
     edges = cycle(4)
     batch = torch.zeros(4, dtype=torch.long)

@@ -357,6 +357,25 @@ def test_random_walk_dense_and_sparse_routes_match_the_oracle(
         torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dense_max", [160, 0])
+def test_random_walk_pe_is_differentiable_in_the_edge_weights(dense_max, monkeypatch, generator):
+    monkeypatch.setattr(transforms_module, "_DENSE_WALK_MAX_NODES", dense_max)
+    edges = connected_random_graph(9, 5, generator)
+    keys = torch.minimum(edges[0], edges[1]) * 9 + torch.maximum(edges[0], edges[1])
+    pairs, pair = torch.unique(keys, return_inverse=True)
+    start = torch.rand(pairs.numel(), generator=generator, dtype=F64) + 0.5
+    # one weight per edge pair, then one per direction (at a symmetric point: the
+    # symmetric shortcut's derivative would be wrong along asymmetric perturbations)
+    for directed in (False, True):
+        index = torch.arange(edges.shape[1]) if directed else pair
+        w0 = start[pair] if directed else start
+
+        def walk(w, index=index):
+            return transforms_module.random_walk_return_probabilities(edges, 9, 5, w[index])
+
+        assert torch.autograd.gradcheck(walk, (w0.clone().requires_grad_(),))
+
+
 def test_random_walk_long_walks_keep_to_the_sparse_route(monkeypatch, generator):
     # the dense route's buffer holds walk_length n x n powers: bounded by _BLOCK_ENTRIES
     n, walk_length = 120, 150  # 2.2e6 entries

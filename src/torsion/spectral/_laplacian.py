@@ -483,6 +483,11 @@ def laplacian_eigs(
     the block methods (fewer non-null eigenpairs than twice the block) are solved exactly
     by dense ``eigh`` whatever the method.
 
+    **Gradients.** The dense path is differentiable with respect to ``edge_weight``
+    (through ``eigh``: the eigenvalues, and the eigenvectors of distinct eigenvalues).
+    The iterative solvers are not: with an ``edge_weight`` that requires a gradient
+    (under grad mode), a graph that would go to one raises ``NotImplementedError``.
+
     **The null space.** The eigenvalue 0 has one eigenvector per connected component (an
     isolated node is a component; an edge of weight 0 connects nothing). Its
     multiplicity is computed combinatorially (``num_components``) and the null space is
@@ -578,6 +583,12 @@ def laplacian_eigs(
             sizes - count,
         )
         dense = _dense_mask(method, sizes, count, want, dense_max)
+        if graph.weight.requires_grad and torch.is_grad_enabled() and not bool(dense.all()):
+            raise NotImplementedError(
+                f"{name}: gradients with respect to edge_weight flow through dense eigh "
+                "only, and a graph here goes to an iterative solver; pass method='dense', "
+                "or edge_weight.detach() (or run under torch.no_grad()) for values alone"
+            )
         out = (values, vectors, mask, residuals)
         chosen = torch.nonzero(dense).squeeze(1)
         if chosen.numel() > 0:

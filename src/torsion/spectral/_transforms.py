@@ -341,7 +341,10 @@ def random_walk_return_probabilities(
     ``j``-th node of every graph at once: the work grows with the largest graph, not with
     the batch. When ``A`` is symmetric, ``P^t`` is similar to ``S^t`` with
     ``S = D^-1/2 A D^-1/2``, so ``[P^t]_ii = ||S^s e_i||^2`` (``t = 2s``) or
-    ``<S^s e_i, S^(s+1) e_i>`` (``t = 2s + 1``): half the products.
+    ``<S^s e_i, S^(s+1) e_i>`` (``t = 2s + 1``): half the products (not taken when
+    ``edge_weight`` needs a gradient, whose derivative along asymmetric perturbations
+    that shortcut would get wrong). One graph of at most ``_DENSE_WALK_MAX_NODES`` nodes
+    takes dense powers instead (:func:`_dense_walk`).
 
     ``A[i, j]`` sums the weights of the edges ``i -> j`` (self-loops included: a loop is a
     step that stays; multi-edges add up), ``d_i`` is its row sum and rows with ``d_i = 0``
@@ -367,10 +370,11 @@ def random_walk_return_probabilities(
     positive = degree > 0
     inv = torch.where(positive, 1.0 / degree.clamp_min(torch.finfo(dtype).tiny), 0.0)
     perm = torch.argsort(col * num_nodes + row)
-    symmetric = bool(torch.equal(row[perm], col)) and bool(torch.equal(col[perm], row))
-    symmetric = symmetric and bool(
-        torch.allclose(weight[perm], weight, rtol=100 * torch.finfo(dtype).eps, atol=0.0)
+    symmetric = not _needs_gradient(weight)
+    symmetric = (
+        symmetric and bool(torch.equal(row[perm], col)) and bool(torch.equal(col[perm], row))
     )
+    symmetric = symmetric and _same_weights(weight[perm], weight)
     if symmetric:
         root = inv.sqrt()
         matrix = _csr(row, col, weight * root[row] * root[col], num_nodes)
@@ -415,13 +419,20 @@ def random_walk_return_probabilities(
     return out
 
 
+def _needs_gradient(weight: Tensor) -> bool:
+    """Whether autograd will differentiate the walk in the weights. Then the symmetric
+    shortcut (``[P^t]_ii = [S^t]_ii``, true only for a symmetric ``A``) is not taken: its
+    derivative along a perturbation that breaks the symmetry would be wrong."""
+    return weight.requires_grad and torch.is_grad_enabled()
+
+
 def _dense_walk(
     edge_index: Tensor, num_nodes: int, walk_length: int, edge_weight: Tensor | None, name: str
 ) -> Tensor:
     """:func:`random_walk_return_probabilities` of one small graph, from dense powers.
 
-    The graph by graph route (a data set's ``transform=``): the powers go into one buffer
-    and all their diagonals are read at the end, a few tensor operations in all. When
+    The graph by graph route (a data set's ``transform=``): the powers are stacked and
+    all their diagonals read at the end, a few tensor operations in all. When
     ``A`` is symmetric, half the powers of ``S = D^-1/2 A D^-1/2`` suffice, as in
     :func:`_symmetric_walk`: ``[S^2s]_ii = sum_j (S^s)_ij^2`` and
     ``[S^(2s+1)]_ii = sum_j (S^s)_ij (S^(s+1))_ij``.
@@ -437,7 +448,7 @@ def _dense_walk(
     a.index_put_((row, col), weight, accumulate=True)  # loops stay, multi-edges add up
     degree = a.sum(1)
     inverse = torch.where(degree > 0, degree.clamp_min(torch.finfo(dtype).tiny).reciprocal(), 0)
-    symmetric = _same_weights(a, a.mT)
+    symmetric = not _needs_gradient(a) and _same_weights(a, a.mT)
     if symmetric:
         root = inverse.sqrt()
         step = a.mul_(root[:, None]).mul_(root)  # S
@@ -445,10 +456,10 @@ def _dense_walk(
     else:
         step = a.mul_(inverse[:, None])  # P
         count = walk_length
-    powers = torch.empty(count, n, n, dtype=dtype, device=device)
-    powers[0] = step
-    for i in range(1, count):
-        torch.mm(powers[i - 1], step, out=powers[i])
+    powers = [step]
+    for _ in range(1, count):
+        powers.append(powers[-1] @ step)
+    powers = torch.stack(powers)
     if not symmetric:
         return powers.diagonal(dim1=1, dim2=2).T.contiguous()
     out = torch.empty(n, walk_length, dtype=dtype, device=device)
