@@ -473,10 +473,9 @@ def laplacian_eigs(
       ``generator`` and ``ncv = max(2k + 1, k + 32)``.
     * ``"lobpcg"``: block LOBPCG on the input device (no preconditioner).
     * ``"auto"``: dense for graphs of at most 384 nodes (320 on one CPU thread); larger
-      graphs use
-      ``"shift_invert"`` on the CPU when a breadth-first search finds the graph
-      mesh-like (more than ``4 log2 N + 10`` hops across), and ``"chebyshev"`` otherwise
-      and on every other device.
+      graphs use ``"shift_invert"`` on the CPU when a breadth-first search finds the
+      graph mesh-like (more than ``4 log2 N + 10`` hops across), and ``"chebyshev"``
+      otherwise and on every other device.
 
     The SciPy methods run on the CPU by nature (the graph is copied there and the results
     back); all other work stays on the device of ``edge_index``. Graphs too small for

@@ -357,8 +357,9 @@ def random_walk_return_probabilities(
         output ``(N, walk_length)`` in the dtype of ``edge_weight`` (else the default).
     """
     name = "AddRandomWalkPE"
-    powers = walk_length * num_nodes**2  # at most, in the dense route's buffer
-    if batch is None and 0 < num_nodes <= _DENSE_WALK_MAX_NODES and 0 < powers <= _BLOCK_ENTRIES:
+    dense_entries = walk_length * num_nodes**2  # the dense route's powers, at most
+    small = 0 < num_nodes <= _DENSE_WALK_MAX_NODES and 0 < dense_entries <= _BLOCK_ENTRIES
+    if batch is None and small:
         check_graph_inputs(edge_index, num_nodes, edge_weight, name)
         return _dense_walk(edge_index, num_nodes, walk_length, edge_weight, name)
     row, col, weight = _validate_walk_inputs(edge_index, num_nodes, edge_weight, name)
@@ -370,11 +371,12 @@ def random_walk_return_probabilities(
     positive = degree > 0
     inv = torch.where(positive, 1.0 / degree.clamp_min(torch.finfo(dtype).tiny), 0.0)
     perm = torch.argsort(col * num_nodes + row)
-    symmetric = not _needs_gradient(weight)
     symmetric = (
-        symmetric and bool(torch.equal(row[perm], col)) and bool(torch.equal(col[perm], row))
+        not _needs_gradient(weight)
+        and bool(torch.equal(row[perm], col))
+        and bool(torch.equal(col[perm], row))
+        and _same_weights(weight[perm], weight)
     )
-    symmetric = symmetric and _same_weights(weight[perm], weight)
     if symmetric:
         root = inv.sqrt()
         matrix = _csr(row, col, weight * root[row] * root[col], num_nodes)
