@@ -415,9 +415,14 @@ def random_walk(args, name: str, data: Data, repeats_pyg: int) -> dict:
         device=args.device,
     )
     timings["pyg"] = Timing(float(np.median(pyg_ms)), min(pyg_ms), max(pyg_ms), len(pyg_ms))
+    return rw_record(name, data.num_nodes, timings, ours, theirs, err)
+
+
+def rw_record(name: str, nodes: int, timings: dict, ours, theirs, err) -> dict:
+    """One row of the random-walk table, printed as it is made."""
     record = {
         "case": name,
-        "nodes": data.num_nodes,
+        "nodes": nodes,
         "ms": {key: t.median_ms for key, t in timings.items()},
         "timing": timings,
         "max_abs_diff": float((ours - theirs).abs().max()),
@@ -447,20 +452,9 @@ def random_walk_graph_by_graph(args, count: int) -> dict:
         repeats=max(3, min(args.repeats, 5)),
         device=args.device,
     )
-    record = {
-        "case": f"{count} graphs of 20-40 nodes, one call each",
-        "nodes": int(sum(g.num_nodes for g in graphs)),
-        "ms": {key: t.median_ms for key, t in timings.items()},
-        "timing": timings,
-        "max_abs_diff": float((ours - theirs).abs().max()),
-        "tolerance_use": err,
-    }
-    print(
-        f"RWPE graph by graph: torsion {fmt_ms(record['ms']['torsion'])} ms, PyG "
-        f"{fmt_ms(record['ms']['pyg'])} ms",
-        flush=True,
-    )
-    return record
+    name = f"{count} graphs of 20-40 nodes, one call each"
+    nodes = int(sum(g.num_nodes for g in graphs))
+    return rw_record(name, nodes, timings, ours, theirs, err)
 
 
 # ---------------------------------------------------------------------------------------
