@@ -202,6 +202,26 @@ def _same_weights(a: Tensor, b: Tensor) -> bool:
     return bool(torch.equal(a, b)) or bool(torch.allclose(a, b, rtol=tol, atol=0.0))
 
 
+def needs_gradient(weight: Tensor) -> bool:
+    """Whether autograd will differentiate the result in the weights."""
+    return weight.requires_grad and torch.is_grad_enabled()
+
+
+def dense_adjacency(
+    edge_index: Tensor, num_nodes: int, edge_weight: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``row, col, weight, A`` of a checked graph, ``A[i, j]`` the sum of the weights
+    (ones when ``edge_weight`` is ``None``) of the edges ``i -> j``, self-loops included:
+    the dense routes for one small graph start from it."""
+    row, col = edge_index.long()
+    if edge_weight is None:
+        weight = torch.ones(row.shape, dtype=dtype, device=edge_index.device)
+    else:
+        weight = edge_weight.to(dtype)
+    a = torch.zeros(num_nodes, num_nodes, dtype=dtype, device=edge_index.device)
+    return row, col, weight, a.index_put_((row, col), weight, accumulate=True)
+
+
 def _not_undirected(name: str) -> ValueError:
     return ValueError(
         f"{name} needs an undirected graph: every edge (i, j) must come with (j, i) "
@@ -582,7 +602,7 @@ def laplacian_eigs(
             sizes - count,
         )
         dense = _dense_mask(method, sizes, count, want, dense_max)
-        if graph.weight.requires_grad and torch.is_grad_enabled() and not bool(dense.all()):
+        if needs_gradient(graph.weight) and not bool(dense.all()):
             raise NotImplementedError(
                 f"{name}: gradients with respect to edge_weight flow through dense eigh "
                 "only, and a graph here goes to an iterative solver; pass method='dense', "
@@ -634,13 +654,7 @@ def _one_dense_graph(
     """
     check_graph_inputs(edge_index, num_nodes, edge_weight, name)
     device = edge_index.device
-    row, col = edge_index.long()
-    if edge_weight is None:
-        weight = torch.ones(row.shape, dtype=dtype, device=device)
-    else:
-        weight = edge_weight.to(dtype)
-    a = torch.zeros(num_nodes, num_nodes, dtype=dtype, device=device)
-    a.index_put_((row, col), weight, accumulate=True)  # multi-edges add up
+    row, col, weight, a = dense_adjacency(edge_index, num_nodes, edge_weight, dtype)
     a.fill_diagonal_(0)  # self-loops are ignored
     if not _same_weights(a, a.mT):
         raise _not_undirected(name)

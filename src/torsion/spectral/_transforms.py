@@ -26,7 +26,9 @@ from torsion.spectral._laplacian import (
     _resolve_dtype,
     _same_weights,
     check_graph_inputs,
+    dense_adjacency,
     laplacian_eigs,
+    needs_gradient,
 )
 
 __all__ = ["AddLaplacianPE", "AddRandomWalkPE"]
@@ -372,7 +374,9 @@ def random_walk_return_probabilities(
     inv = torch.where(positive, 1.0 / degree.clamp_min(torch.finfo(dtype).tiny), 0.0)
     perm = torch.argsort(col * num_nodes + row)
     symmetric = (
-        not _needs_gradient(weight)
+        # the shortcut holds only on a symmetric A: its derivative along a perturbation
+        # that breaks the symmetry would be wrong, so not when a gradient is needed
+        not needs_gradient(weight)
         and bool(torch.equal(row[perm], col))
         and bool(torch.equal(col[perm], row))
         and _same_weights(weight[perm], weight)
@@ -421,13 +425,6 @@ def random_walk_return_probabilities(
     return out
 
 
-def _needs_gradient(weight: Tensor) -> bool:
-    """Whether autograd will differentiate the walk in the weights. Then the symmetric
-    shortcut (``[P^t]_ii = [S^t]_ii``, true only for a symmetric ``A``) is not taken: its
-    derivative along a perturbation that breaks the symmetry would be wrong."""
-    return weight.requires_grad and torch.is_grad_enabled()
-
-
 def _dense_walk(
     edge_index: Tensor, num_nodes: int, walk_length: int, edge_weight: Tensor | None, name: str
 ) -> Tensor:
@@ -441,16 +438,10 @@ def _dense_walk(
     """
     dtype = _resolve_dtype(edge_weight, None, name)
     device, n = edge_index.device, num_nodes
-    row, col = edge_index.long()
-    if edge_weight is None:
-        weight = torch.ones(row.shape, dtype=dtype, device=device)
-    else:
-        weight = edge_weight
-    a = torch.zeros(n, n, dtype=dtype, device=device)
-    a.index_put_((row, col), weight, accumulate=True)  # loops stay, multi-edges add up
+    *_, a = dense_adjacency(edge_index, n, edge_weight, dtype)  # loops stay: a step that stays
     degree = a.sum(1)
     inverse = torch.where(degree > 0, degree.clamp_min(torch.finfo(dtype).tiny).reciprocal(), 0)
-    symmetric = not _needs_gradient(a) and _same_weights(a, a.mT)
+    symmetric = not needs_gradient(a) and _same_weights(a, a.mT)
     if symmetric:
         root = inverse.sqrt()
         step = a.mul_(root[:, None]).mul_(root)  # S
