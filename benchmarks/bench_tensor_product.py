@@ -348,7 +348,18 @@ def run_kernel_problem(
             synchronize(device)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-        measured = time_fns(fns, warmup=args.warmup, repeats=args.repeats, device=device)
+        try:
+            measured = time_fns(fns, warmup=args.warmup, repeats=args.repeats, device=device)
+        except torch.OutOfMemoryError:  # together they do not fit: one candidate at a time
+            measured = {}
+            for m, fn in fns.items():
+                torch.cuda.empty_cache()
+                try:
+                    measured |= time_fns(
+                        {m: fn}, warmup=args.warmup, repeats=args.repeats, device=device
+                    )
+                except torch.OutOfMemoryError:
+                    timings[m][pass_name] = "OOM"
         for m, t in measured.items():
             timings[m][pass_name] = t
     return {
@@ -403,7 +414,12 @@ def kernel_table(records: list[dict], env: dict, bandwidth: float, smoke: bool) 
 
 def kernel_main(args, env: dict, device: str, smoke: bool) -> None:
     """Run the kernel table on ``device``; ``smoke``: Triton's interpreter on tiny problems."""
-    problems = [p for p in KERNEL_PROBLEMS if args.channels is None or p[1] in args.channels]
+    problems = [
+        p
+        for p in KERNEL_PROBLEMS
+        if (args.channels is None or p[1] in args.channels)
+        and (args.lmax is None or p[2] in args.lmax)
+    ]
     edges = args.edges or ((10_000,) if args.quick else KERNEL_EDGES)
     if smoke:
         problems = [(name, SMOKE_CHANNELS, lmax) for name, _, lmax in KERNEL_PROBLEMS[1:]]
@@ -428,6 +444,9 @@ def _kernel_options(parser) -> None:
     )
     parser.add_argument(
         "--channels", type=int, nargs="+", default=None, help="kernel table: channel counts"
+    )
+    parser.add_argument(
+        "--lmax", type=int, nargs="+", default=None, help="kernel table: largest l (2 or 3)"
     )
 
 

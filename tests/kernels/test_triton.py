@@ -348,6 +348,33 @@ def test_generated_kernels_compile_for_an_h100_without_a_gpu(monkeypatch, tmp_pa
         assert compiled.asm["cubin"]
 
 
+def test_launch_settings_follow_the_live_register_tiles():
+    """Live tiles = irrep components gathered + weighted paths + message components (the
+    uvu output has one block per path); few warps only for CSR kernels of small programs."""
+    from torsion.kernels.triton._codegen import live_tiles
+    from torsion.kernels.triton._ops import _launch_options
+
+    with _default_float64():
+        mace, l3 = (
+            TPDescriptor.channelwise(
+                "+".join(f"8x{l}{'eo'[l % 2]}" for l in range(lmax + 1)),
+                "+".join(f"{l}{'eo'[l % 2]}" for l in range(lmax + 1)),
+                "+".join(f"{l}{'eo'[l % 2]}" for l in range(lmax + 1)),
+                layout="ir_mul",
+            )
+            for lmax in (2, 3)
+        )
+    for d in (mace, l3, _small()):
+        components = sum(ir.dim for _, ir in d.irreps_in1)
+        weighted = sum(p.weighted for p in d.paths)
+        messages = sum(ir.dim for _, ir in d.irreps_out)
+        assert live_tiles(d) == components + weighted + messages
+    assert live_tiles(mace) == 55 and live_tiles(l3) == 138
+    assert _launch_options(mace, csr=True)["num_warps"] == 2
+    assert _launch_options(mace, csr=False)["num_warps"] == 8
+    assert _launch_options(l3, csr=True)["num_warps"] == 8
+
+
 # -- the registry backend and errors ------------------------------------------------------
 
 

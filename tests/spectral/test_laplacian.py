@@ -413,6 +413,42 @@ def test_batched_matches_per_graph(generator):
             start += n
 
 
+def test_batches_that_cuda_solves_one_matrix_at_a_time_go_to_the_host():
+    """CUDA's eigh batches matrices of at most 32 rows; larger batches go to the host, a
+    single matrix and every CPU batch stay where they are."""
+    on_host = laplacian_module._eigh_on_host
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert on_host(cuda, 100, 33) and on_host(cuda, 2, 384)
+    assert not on_host(cuda, 100, 32) and not on_host(cuda, 1, 300)
+    assert not on_host(cpu, 100, 40)
+
+
+@pytest.mark.gpu
+def test_cuda_batch_above_32_nodes_matches_cpu(generator):
+    """Graphs of 20-40 nodes on CUDA (groups on both sides of 32 rows) give the CPU's
+    eigenpairs, on the CUDA device."""
+    sizes = [20, 32, 33, 40, 33, 25]
+    parts, offset = [], 0
+    for n in sizes:
+        parts.append(connected_random_graph(n, 4, generator) + offset)
+        offset += n
+    edges = torch.cat(parts, 1)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    want = laplacian_eigs(edges, offset, 8, batch=batch, dtype=F64)
+    got = laplacian_eigs(edges.cuda(), offset, 8, batch=batch.cuda(), dtype=F64)
+    assert got.eigenvectors.is_cuda
+    torch.testing.assert_close(got.eigenvalues.cpu(), want.eigenvalues, rtol=0, atol=1e-10)
+    start = 0
+    for g, n in enumerate(sizes):
+        ref_values, ref_vectors = reference(parts[g] - start, n, "sym")
+        rows = got.eigenvectors[start : start + n].cpu()
+        null = want.eigenvalues[g] == 0
+        torch.testing.assert_close(rows[:, null], want.eigenvectors[start : start + n, null])
+        values = got.eigenvalues[g].cpu()
+        assert eigenspace_mismatch(values[~null], rows[:, ~null], ref_values, ref_vectors) < 1e-8
+        start += n
+
+
 @pytest.mark.parametrize("normalization", [None, "sym", "rw"])
 @pytest.mark.parametrize("skip", [False, True])
 def test_one_graph_route_matches_the_batched_route(normalization, skip, generator):

@@ -58,6 +58,7 @@ __all__ = [
     "interpreter_enabled",
     "kernel_module",
     "kernel_source_path",
+    "live_tiles",
     "max_multiplicity",
     "unsupported_descriptor_reason",
 ]
@@ -328,6 +329,17 @@ def _messages(program: _Program, em: _Emitter, indent: int) -> list[tuple[int, i
 
 def _used_gathered(program: _Program) -> set[tuple[int, int]]:
     return {(c.gathered, i) for c in program.contractions for i, _, _, _ in c.terms}
+
+
+@functools.lru_cache(maxsize=256)
+def live_tiles(descriptor: TPDescriptor) -> int:
+    """The ``BLOCK_E x BLOCK_C`` tiles a node kernel of ``descriptor`` holds at once:
+    gathered irrep components, weight tiles and message components (the same count for
+    the transposed program)."""
+    program = _forward_program(descriptor)
+    weights = sum(c.weight_offset is not None for c in program.contractions)
+    messages = {(c.out, k) for c in program.contractions for _, _, k, _ in c.terms}
+    return len(_used_gathered(program)) + weights + len(messages)
 
 
 def _node_csr_kernel(program: _Program, layout: str, dtype: str) -> list[str]:

@@ -46,6 +46,7 @@ from torsion.kernels.triton._codegen import (
     _next_power_of_two,
     interpreter_enabled,
     kernel_module,
+    live_tiles,
     max_multiplicity,
     unsupported_descriptor_reason,
 )
@@ -54,15 +55,29 @@ from torsion.reps import TPDescriptor
 __all__ = ["triton_conv", "triton_tensor_product"]
 
 
-# Tile sizes: edges x channels per program, rows per CSR program. Not tuned on a GPU yet.
+# Tile sizes: edges x channels per program, rows per CSR program. The kernels are bound by
+# latency and registers, not by bandwidth: every irrep component of the inputs, weights and
+# messages is a live BLOCK_E x BLOCK_C tile, so small programs with few warps keep the most
+# loads in flight (H100, E = 1e6, benchmarks/RESULTS.md).
 _BLOCK_E = 16
 _BLOCK_E_CSR = 16
-_BLOCK_N = 4
+_BLOCK_N = 1
 _MAX_BLOCK_C = 32
-# Passed to every launch (the interpreter ignores them): 8 warps keep problem A's tiles in
-# registers without spills on sm_90 (ptxas, both dtypes); fused multiply-adds are stated
-# so that triton does not fall back on, and warn about, its changing default.
-_LAUNCH = {"enable_fp_fusion": True, "num_warps": 8}
+# Up to this many live tiles (MACE's l <= 2 problem has 55), the CSR kernels run two warps
+# per program: 1.7x (forward) and 1.2x (transposed) faster than eight on an H100. Beyond it
+# (l = 3: 138 tiles) two warps spill their registers and eight are fastest. The atomic and
+# per-edge gradient kernels are fastest with four to eight warps (two: 1.2x and 2x slower).
+_FEW_WARPS_MAX_TILES = 64
+
+
+def _launch_options(descriptor: TPDescriptor, csr: bool) -> dict[str, Any]:
+    """Launch options of a CSR kernel (``csr``) or of another kernel of ``descriptor``
+    (the interpreter ignores them).
+
+    Fused multiply-adds are stated so that triton does not fall back on, and warn about,
+    its changing default."""
+    few = csr and live_tiles(descriptor) <= _FEW_WARPS_MAX_TILES
+    return {"enable_fp_fusion": True, "num_warps": 2 if few else 8}
 
 
 _DESCRIPTORS: list[TPDescriptor] = []
@@ -151,7 +166,7 @@ def conv_node(
         getattr(kernels, f"node_atomic{suffix}")[grid](
             gathered, a, w_arg, out, gather_index, scatter_index, num_edges,
             gathered.stride(0), a.stride(0), w_stride, out.stride(0),
-            BLOCK_E=_BLOCK_E, BLOCK_C=block_c, **_LAUNCH,
+            BLOCK_E=_BLOCK_E, BLOCK_C=block_c, **_launch_options(d, csr=False),
         )  # fmt: skip
         return out
     order, rowptr = _csr(scatter_index, num_rows)
@@ -159,7 +174,8 @@ def conv_node(
     getattr(kernels, f"node_csr{suffix}")[grid](
         gathered, a, w_arg, out, gather_index, order, rowptr, num_rows,
         gathered.stride(0), a.stride(0), w_stride, out.stride(0),
-        BLOCK_N=_BLOCK_N, BLOCK_E=_BLOCK_E_CSR, BLOCK_C=block_c, **_LAUNCH,
+        BLOCK_N=_BLOCK_N, BLOCK_E=_BLOCK_E_CSR, BLOCK_C=block_c,
+        **_launch_options(d, csr=True),
     )  # fmt: skip
     return out
 
@@ -197,7 +213,7 @@ def _edge_launch(
         x, a, w_arg, g, edge_src, edge_dst, ga_arg, gw_arg, num_edges,
         x.stride(0), a.stride(0), w_stride, g.stride(0), ga_arg.stride(0), gw_arg.stride(0),
         NEED_ATTR=need_attr, NEED_W=need_weight, BLOCK_E=_BLOCK_E, BLOCK_C=block_c,
-        **_LAUNCH,
+        **_launch_options(d, csr=False),
     )  # fmt: skip
     return grad_a, grad_w
 
