@@ -1,6 +1,7 @@
 """Curvature: torsion's HVP engine and probes vs PyHessian and curvlinops, in one run.
 
-Three measurements (issue 4, TARGETS.md section 4), float32 on the CPU:
+Three measurements (issue 4, TARGETS.md section 4), float32 on the CPU (with ``--device
+cuda``: the correctness checks and the HVP cost table only, on the GPU):
 
 * **HVP cost** relative to one gradient (forward+backward of the same loss on the same
   batch, ``torch.autograd.grad``), on an MLP (about 1.1M parameters), a small CNN and a
@@ -269,7 +270,8 @@ def pyhessian_object(problem: Problem) -> pyhessian.hessian:
     model.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # its loss.backward(create_graph=True) warns of a cycle
         warnings.simplefilter("ignore", UserWarning)
-        h = pyhessian.hessian(model, criterion(), data=(problem.x, problem.y), cuda=False)
+        data = (problem.x, problem.y)
+        h = pyhessian.hessian(model, criterion(), data=data, cuda=problem.x.is_cuda)
     model.zero_grad(set_to_none=True)
     for m, flag in training:
         m.training = flag
@@ -322,7 +324,7 @@ class ReferenceHVP:
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
         n = sum(p.numel() for p in self.params)
-        eye = torch.eye(n, dtype=torch.float64)
+        eye = torch.eye(n, dtype=torch.float64, device=self.params[0].device)
         return torch.cat([self(eye[:, i : i + chunk]) for i in range(0, n, chunk)], dim=1)
 
 
@@ -348,8 +350,8 @@ def check_products(problem: Problem, reference: ReferenceHVP) -> dict[str, float
     """
     gen = torch.Generator().manual_seed(SEED + 7)
     n = problem.num_params
-    v = torch.randn(n, generator=gen)
-    V = torch.randn(n, BLOCK, generator=gen)
+    v = torch.randn(n, generator=gen).to(problem.x.device)
+    V = torch.randn(n, BLOCK, generator=gen).to(problem.x.device)
     ref, ref_block = reference(v), reference(V)
     params = params_of(problem.model)
     h = pyhessian_object(problem)
@@ -410,8 +412,8 @@ def hvp_cost(problem: Problem, args) -> dict:
     params = params_of(model)
     gen = torch.Generator().manual_seed(SEED + 11)
     n = problem.num_params
-    v = torch.randn(n, generator=gen)
-    V = torch.randn(n, BLOCK, generator=gen)
+    v = torch.randn(n, generator=gen).to(problem.x.device)
+    V = torch.randn(n, BLOCK, generator=gen).to(problem.x.device)
     v_list = unflat(v, params)
 
     op = torsion_operator(problem)
@@ -439,7 +441,7 @@ def hvp_cost(problem: Problem, args) -> dict:
     }
     record = {"model": problem.name, "description": problem.description, "params": n}
     for group, fns in (("single", single), ("block", blocked)):
-        timings = time_fns(fns, warmup=args.warmup, repeats=args.repeats)
+        timings = time_fns(fns, warmup=args.warmup, repeats=args.repeats, device=args.device)
         divisor = 1 if group == "single" else BLOCK
         record[group] = {
             "timings": timings,
@@ -968,6 +970,34 @@ def trace_table(rec: dict, budgets, seeds) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def on_device(problem: Problem, device: str) -> Problem:
+    """The problem with its model (graph buffers included) and batch moved to ``device``."""
+    return Problem(
+        problem.name,
+        problem.model.to(device),
+        problem.x.to(device),
+        problem.y.to(device),
+        problem.description,
+    )
+
+
+def hvp_main(args, env: dict) -> int:
+    """``--device cuda``: the correctness checks and the HVP cost table on the GPU (the
+    problems are trained on the CPU, as in the CPU run, then moved)."""
+    problems = [on_device(p, args.device) for p in make_problems(args.quick)]
+    checks = {p.name: check_products(p, ReferenceHVP(p)) for p in problems}
+    print(f"correctness (relative 2-norm error of H v against float64): {checks}", flush=True)
+    records = [hvp_cost(p, args) for p in problems]
+    table = f"On {env['device_name']}, float32.\n\n" + hvp_table(records)
+    print()
+    print(table)
+    json_path, md_path = write_results(
+        "curvature_cuda", args, env, [{"checks": checks}, {"hvp": records}], table
+    )
+    print(f"\nwrote {json_path} and {md_path}")
+    return 0
+
+
 def main() -> int:
     args = parse_args(__doc__)
     if args.quick and args.threads is None:
@@ -975,10 +1005,9 @@ def main() -> int:
         # on each other's thousands of small kernels (measured: 164 s against 19 s).
         args.threads = 1
     env = setup(args)
-    if args.device != "cpu":
-        print("bench_curvature runs on CPU only", file=sys.stderr)
-        return 2
     print(environment_line(env), flush=True)
+    if args.device != "cpu":
+        return hvp_main(args, env)
     start = time.perf_counter()
     eig_seeds = (0,) if args.quick else (0, 1, 2)
     trace_seeds = tuple(range(2 if args.quick else 20))
