@@ -55,16 +55,16 @@ from torsion.reps import TPDescriptor
 __all__ = ["triton_conv", "triton_tensor_product"]
 
 
-# Tile sizes: edges x channels per program, rows per CSR program. The kernels are bound by
-# latency and registers, not by bandwidth: every irrep component of the inputs, weights and
-# messages is a live BLOCK_E x BLOCK_C tile, so small programs with few warps keep the most
-# loads in flight (H100, E = 1e6, benchmarks/RESULTS.md).
+# Tile sizes: edges x channels per program, rows per CSR program. Every irrep component of
+# the inputs, weights and messages is a live BLOCK_E x BLOCK_C register tile; on an H100
+# (E = 1e6, benchmarks/RESULTS.md) one row per program was as fast as four, and 32 edges
+# per tile spilled and were slower than 16.
 _BLOCK_E = 16
 _BLOCK_E_CSR = 16
 _BLOCK_N = 1
 _MAX_BLOCK_C = 32
 # Up to this many live tiles (MACE's l <= 2 problem has 55), the CSR kernels run two warps
-# per program: 1.7x (forward) and 1.2x (transposed) faster than eight on an H100. Beyond it
+# per program: 2.6x (forward) and 1.2x (transposed) faster than eight on an H100. Beyond it
 # (l = 3: 138 tiles) two warps spill their registers and eight are fastest. The atomic and
 # per-edge gradient kernels are fastest with four to eight warps (two: 1.2x and 2x slower).
 _FEW_WARPS_MAX_TILES = 64
