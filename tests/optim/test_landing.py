@@ -175,32 +175,45 @@ def test_without_safe_step_the_step_is_lr_times_the_field():
     torch.testing.assert_close(x.detach(), x0 - 0.3 * field, rtol=1e-14, atol=1e-14)
 
 
+def _landing_params(device="cpu"):
+    g = _gen(15)
+    return [
+        ManifoldParameter(x.to(device), manifold=manifold)
+        for x, manifold in [
+            *[(_near_manifold((6, 3), 0.1, 20 + i), Stiefel()) for i in range(3)],
+            (_near_manifold((6, 3), 0.1, 30), geoopt.Stiefel()),
+            (_near_manifold((2, 5, 5), 0.1, 31), Stiefel()),
+            (torch.randn(4, 2, dtype=F64, generator=g), Stiefel()),
+        ]
+    ]
+
+
+def _train_landing(ps, **options):
+    optimizer = Landing(ps, lr=0.1, momentum=0.3, **options)
+    targets = [
+        torch.randn(p.shape, dtype=F64, generator=_gen(40 + i)).to(p.device)
+        for i, p in enumerate(ps)
+    ]
+    for _ in range(10):
+        optimizer.zero_grad()
+        sum(((p - t) ** 2).sum() for p, t in zip(ps, targets, strict=True)).backward()
+        optimizer.step()
+    return [p.detach() for p in ps]
+
+
 def test_batched_update_equals_one_parameter_at_a_time():
-    def params():
-        g = _gen(15)
-        return [
-            *[
-                ManifoldParameter(_near_manifold((6, 3), 0.1, 20 + i), manifold=Stiefel())
-                for i in range(3)
-            ],
-            ManifoldParameter(_near_manifold((6, 3), 0.1, 30), manifold=geoopt.Stiefel()),
-            ManifoldParameter(_near_manifold((2, 5, 5), 0.1, 31), manifold=Stiefel()),
-            ManifoldParameter(torch.randn(4, 2, dtype=F64, generator=g), manifold=Stiefel()),
-        ]
-
-    def train(ps, **options):
-        optimizer = Landing(ps, lr=0.1, momentum=0.3, **options)
-        targets = [
-            torch.randn(p.shape, dtype=F64, generator=_gen(40 + i)) for i, p in enumerate(ps)
-        ]
-        for _ in range(10):
-            optimizer.zero_grad()
-            sum(((p - t) ** 2).sum() for p, t in zip(ps, targets, strict=True)).backward()
-            optimizer.step()
-        return [p.detach() for p in ps]
-
-    for a, b in zip(train(params()), train(params(), foreach=False), strict=True):
+    got = _train_landing(_landing_params())
+    want = _train_landing(_landing_params(), foreach=False)
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.gpu
+def test_cuda_iterates_match_cpu():
+    got = _train_landing(_landing_params("cuda"))
+    for a, b in zip(got, _train_landing(_landing_params()), strict=True):
+        assert a.is_cuda
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9)
 
 
 def test_stabilize_projects_onto_the_manifold():

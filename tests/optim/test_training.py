@@ -212,7 +212,7 @@ def _manifold_params(name: str, seed: int = 0):
 
 def _train(params, optimizer, steps=8, seed=5):
     g = _gen(seed)
-    targets = [0.5 * torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params]
+    targets = [0.5 * torch.randn(p.shape, dtype=p.dtype, generator=g).to(p.device) for p in params]
     for _ in range(steps):
         optimizer.zero_grad()
         loss = sum(
@@ -240,6 +240,28 @@ def test_iterates_match_geoopt(manifold, optimizer):
     want = _train(ref, reference)
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("manifold", ["stiefel-qr", "spd-affine", "geoopt-sphere"])
+def test_cuda_iterates_match_cpu(manifold, optimizer):
+    """Parameters, gradients and state on CUDA (step counts stay on the CPU, as in torch):
+    the same iterates as on the CPU, batched the same way."""
+    ours_cls, _, options = OPTIMIZERS[optimizer]
+    cpu = _manifold_params(manifold)
+    cuda = [ManifoldParameter(p.detach().cuda(), manifold=p.manifold) for p in cpu]
+    want = _train(cpu, ours_cls(cpu, **options))
+    optimizer_cuda = ours_cls(cuda, **options)
+    got = _train(cuda, optimizer_cuda)
+    for x, y in zip(got, want, strict=True):
+        assert x.is_cuda
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-9, atol=1e-9)
+    for p in cuda:
+        assert all(
+            t.device.type == ("cpu" if key == "step" else "cuda")
+            for key, t in optimizer_cuda.state[p].items()
+        )
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
