@@ -55,6 +55,7 @@ import torch
 from e3nn import o3
 
 from _harness import (
+    CorrectnessError,
     Timing,
     check_close,
     environment_line,
@@ -437,6 +438,140 @@ def kernel_main(args, env: dict, device: str, smoke: bool) -> None:
     print(f"\nwrote {json_path} and {md_path}")
 
 
+# -- the launch-settings sweep (--sweep) ----------------------------------------------------
+
+#: CSR settings (the forward and the ``x_node`` gradient): edges per step x warps, one row
+#: per program; then the settings of the per-edge gradient and atomic kernels.
+SWEEP_CSR = tuple(
+    {"block_e_csr": e, "few_warps": w, "warps": w} for e in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)
+)
+SWEEP_EDGE = tuple({"block_e": e, "warps": w} for e in (8, 16, 32) for w in (2, 4, 8))
+
+
+def sweep_problem(
+    name: str, channels: int, lmax: int, num_edges: int, device: str, args, sweeps: dict
+):
+    """Kernel-only times of every setting of the sweep, each checked against the default
+    settings' result: the CSR forward and ``x_node`` gradient, the per-edge gradients and
+    the atomic forward."""
+    from torsion.kernels.triton._ops import (
+        conv_edge_grads,
+        conv_node,
+        descriptor_handle,
+        launch_settings,
+    )
+
+    gen = torch.Generator().manual_seed(SEED)
+    d = descriptor(channels, lmax)
+    num_nodes = max(num_edges // 10, 2)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    x, attr = randn(num_nodes, d.irreps_in1.dim), randn(num_edges, d.irreps_in2.dim)
+    weight, g = randn(num_edges, d.weight_numel), randn(num_nodes, d.irreps_out.dim)
+    src, dst = (torch.randint(0, num_nodes, (num_edges,), generator=gen).to(device) for _ in "ab")
+    h = descriptor_handle(d)
+    kernels = {
+        "csr": {
+            "forward": lambda: conv_node(h, False, False, x, attr, weight, src, dst, num_nodes),
+            "x gradient": lambda: conv_node(h, True, False, g, attr, weight, src, dst, num_nodes),
+        },
+        "edge": {
+            "edge gradients": lambda: conv_edge_grads(h, x, attr, weight, g, src, dst),
+            "atomic forward": lambda: conv_node(
+                h, False, True, x, attr, weight, src, dst, num_nodes
+            ),
+        },
+    }
+    rows = []
+    for group, settings in sweeps.items():
+        expected = {}
+        for changes in (None, *settings):
+            with launch_settings(**(changes or {})):
+                fns = kernels[group]
+                outputs = {k: fn() for k, fn in fns.items()}
+                timings = time_fns(fns, warmup=args.warmup, repeats=args.repeats, device=device)
+            for kernel, out in outputs.items():
+                out = torch.cat([t.flatten() for t in out]) if isinstance(out, tuple) else out
+                if changes is None:
+                    expected[kernel] = out
+                scale = float(expected[kernel].abs().max()) or 1.0
+                rows.append(
+                    {
+                        "problem": name,
+                        "channels": channels,
+                        "edges": num_edges,
+                        "kernel": kernel,
+                        "settings": changes or "default",
+                        "ms": timings[kernel].median_ms,
+                        "error": float((out - expected[kernel]).abs().max()) / scale,
+                    }
+                )
+    return rows
+
+
+def sweep_table(rows: list[dict], env: dict, smoke: bool) -> str:
+    headers = ["problem", "C", "E", "kernel", "settings", "ms", "default / this", "max rel error"]
+    default = {
+        (r["problem"], r["channels"], r["kernel"]): r["ms"]
+        for r in rows
+        if r["settings"] == "default"
+    }
+    table_rows = [
+        [
+            r["problem"],
+            r["channels"],
+            r["edges"],
+            r["kernel"],
+            r["settings"]
+            if isinstance(r["settings"], str)
+            else " ".join(f"{k}={v}" for k, v in r["settings"].items()),
+            fmt_ms(r["ms"]),
+            fmt_ratio(ratio(default[(r["problem"], r["channels"], r["kernel"])], r["ms"])),
+            f"{r['error']:.1e}",
+        ]
+        for r in rows
+    ]
+    return (
+        f"Launch settings of torsion's Triton kernels on {env['device_name']}"
+        + (" through Triton's CPU interpreter (a smoke run: times mean nothing)" if smoke else "")
+        + ", float32, kernels alone (no sort, no checks), median ms; default / this > 1: the "
+        "setting is faster than the default (torsion.kernels.triton._ops.LaunchSettings); "
+        "error: against the default's result, relative to its largest entry.\n\n"
+        + render_table(headers, table_rows)
+    )
+
+
+def sweep_main(args, env: dict, device: str, smoke: bool) -> None:
+    """Run the launch-settings sweep on ``device`` (``smoke``: two settings of each group
+    on a tiny problem through the interpreter)."""
+    problems = [
+        p
+        for p in KERNEL_PROBLEMS
+        if (args.channels is None or p[1] in args.channels)
+        and (args.lmax is None or p[2] in args.lmax)
+    ]
+    edges = args.edges or ((10_000,) if args.quick else (1_000_000,))
+    sweeps = {"csr": SWEEP_CSR, "edge": SWEEP_EDGE}
+    if smoke:
+        problems, edges = [("MACE/NequIP", SMOKE_CHANNELS, 2)], SMOKE_EDGES
+        sweeps = {"csr": SWEEP_CSR[:1] + SWEEP_CSR[-1:], "edge": SWEEP_EDGE[:1]}
+    rows = []
+    for name, channels, lmax in problems:
+        for num_edges in edges:
+            rows += sweep_problem(name, channels, lmax, num_edges, device, args, sweeps)
+            print(f"swept: {name}, {channels} channels, E = {num_edges}", flush=True)
+    table = sweep_table(rows, env, smoke)
+    print()
+    print(table)
+    worst = max(r["error"] for r in rows)
+    if worst > 1e-4:
+        raise CorrectnessError(f"a launch setting changed a kernel's result by {worst:.1e}")
+    json_path, md_path = write_results("tensor_product_sweep", args, env, rows, table)
+    print(f"\nwrote {json_path} and {md_path}")
+
+
 def _kernel_options(parser) -> None:
     """Subsets of the kernel table, to split a GPU run into shorter ones."""
     parser.add_argument(
@@ -448,6 +583,9 @@ def _kernel_options(parser) -> None:
     parser.add_argument(
         "--lmax", type=int, nargs="+", default=None, help="kernel table: largest l (2 or 3)"
     )
+    parser.add_argument(
+        "--sweep", action="store_true", help="with --device cuda: the launch-settings sweep"
+    )
 
 
 def main() -> int:
@@ -456,7 +594,10 @@ def main() -> int:
     env["e3nn"] = __import__("e3nn").__version__
     print(environment_line(env) + f", e3nn {env['e3nn']}", flush=True)
     if args.device.startswith("cuda"):
-        kernel_main(args, env, args.device, smoke=False)
+        if args.sweep:
+            sweep_main(args, env, args.device, smoke=False)
+        else:
+            kernel_main(args, env, args.device, smoke=False)
         return 0
     if args.device != "cpu":
         print("run this benchmark with --device cpu or --device cuda", file=sys.stderr)
@@ -481,6 +622,7 @@ def main() -> int:
         # the kernel table's code path, so that it cannot rot before a GPU runs it
         os.environ["TRITON_INTERPRET"] = "1"
         kernel_main(args, env, "cpu", smoke=True)
+        sweep_main(args, env, "cpu", smoke=True)
     return 0
 
 

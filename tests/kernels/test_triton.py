@@ -29,6 +29,7 @@ from torsion.kernels import (
 from torsion.kernels.triton import (
     TritonBackend,
     _codegen,
+    _ops,
     cache_dir,
     kernel_source_path,
     register_triton_backend,
@@ -36,11 +37,13 @@ from torsion.kernels.triton import (
     triton_tensor_product,
 )
 from torsion.kernels.triton._ops import (
+    LaunchSettings,
     conv_edge_attr,
     conv_edge_grads,
     conv_edge_weight,
     conv_node,
     descriptor_handle,
+    launch_settings,
 )
 from torsion.reps import TPDescriptor
 
@@ -204,18 +207,55 @@ def test_strided_inputs_and_gradients_to_second_order(reduction, generator):
     assert not any(t.is_contiguous() for t in strided)
     cotangent = torch.randn(num_nodes, 2 * d.irreps_out.dim, generator=generator, dtype=F64)
     cotangent = cotangent[:, ::2]
-    results = []
-    for run, inputs in (
-        (lambda *t: reference_conv(d, *t, src, dst, num_nodes), (x, a, w)),
-        (lambda *t: triton_conv(d, *t, src, dst, num_nodes, reduction=reduction), strided),
-    ):
-        inputs = [t.detach().requires_grad_() for t in inputs]
-        out = run(*inputs)
-        first = torch.autograd.grad(out, inputs, cotangent, create_graph=True)
-        second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), inputs)
-        results.append([out, *first, *second])
-    for got, want in zip(results[1], results[0], strict=True):
-        _assert_close(got, want, F64)
+
+    def reference(*t):
+        return reference_conv(d, *t, src, dst, num_nodes)
+
+    want = _three_orders(reference, (x, a, w), cotangent)
+    got = _three_orders(
+        lambda *t: triton_conv(d, *t, src, dst, num_nodes, reduction=reduction), strided, cotangent
+    )
+    for actual, expected in zip(got, want, strict=True):
+        _assert_close(actual, expected, F64)
+
+
+def _three_orders(run, inputs, cotangent):
+    """``run``'s output, its gradients along ``cotangent`` and the gradient of their summed
+    squares (the force-training double backward), with respect to ``inputs``."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = run(*inputs)
+    first = torch.autograd.grad(out, inputs, cotangent, create_graph=True)
+    second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), inputs)
+    return [out, *first, *second]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"block_e_csr": 1, "block_n": 3, "block_e": 1},
+        {"block_e_csr": 4, "block_n": 2, "block_e": 8, "max_block_c": 2},
+        {"block_e_csr": 32, "few_warps": 1, "warps": 4},
+    ],
+)
+@pytest.mark.parametrize("reduction", REDUCTIONS[1:])
+def test_every_launch_setting_computes_the_same_function(changes, reduction, generator):
+    """Tile sizes a GPU sweep may pick (one edge per step, several rows per program, fewer
+    channels per program than a block has): all three derivative orders are unchanged."""
+    d, num_nodes, num_edges = _l2("ir_mul"), 7, 30
+    inputs = [t.detach() for t in _inputs(d, generator, num_nodes, num_edges, F64)]
+    src, dst = _graph(generator, num_nodes, num_edges)
+    cotangent = torch.randn(num_nodes, d.irreps_out.dim, generator=generator, dtype=F64)
+    want = _three_orders(lambda *t: reference_conv(d, *t, src, dst, num_nodes), inputs, cotangent)
+    with launch_settings(**changes) as settings:
+        assert all(getattr(settings, key) == value for key, value in changes.items())
+        got = _three_orders(
+            lambda *t: triton_conv(d, *t, src, dst, num_nodes, reduction=reduction),
+            inputs,
+            cotangent,
+        )
+    assert _ops._SETTINGS == LaunchSettings()  # restored
+    for actual, expected in zip(got, want, strict=True):
+        _assert_close(actual, expected, F64)
 
 
 def test_conv_does_not_modify_inputs(generator):

@@ -28,7 +28,11 @@ tensors). Descriptors reach the ops as integer handles (:func:`descriptor_handle
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,29 +59,63 @@ from torsion.reps import TPDescriptor
 __all__ = ["triton_conv", "triton_tensor_product"]
 
 
-# Tile sizes: edges x channels per program, rows per CSR program. Every irrep component of
-# the inputs, weights and messages is a live BLOCK_E x BLOCK_C register tile; on an H100
-# (E = 1e6, benchmarks/RESULTS.md) one row per program was as fast as four, and 32 edges
-# per tile spilled and were slower than 16.
-_BLOCK_E = 16
-_BLOCK_E_CSR = 16
-_BLOCK_N = 1
-_MAX_BLOCK_C = 32
-# Up to this many live tiles (MACE's l <= 2 problem has 55), the CSR kernels run two warps
-# per program: 2.6x (forward) and 1.2x (transposed) faster than eight on an H100. Beyond it
-# (l = 3: 138 tiles) two warps spill their registers and eight are fastest. The atomic and
-# per-edge gradient kernels are fastest with four to eight warps (two: 1.2x and 2x slower).
-_FEW_WARPS_MAX_TILES = 64
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Tile sizes and warps of the kernel launches (the interpreter ignores the warps).
+
+    Every irrep component of the inputs, weights and messages is a live
+    ``BLOCK_E x BLOCK_C`` register tile. The defaults are the best of a sweep on an H100
+    (E = 1e6, benchmarks/RESULTS.md): one row per CSR program was as fast as four, and 32
+    edges per tile spilled and were slower than 16. Up to ``few_warps_max_tiles`` live
+    tiles (MACE's l <= 2 problem has 55), the CSR kernels run ``few_warps`` warps per
+    program: 2.6x (forward) and 1.2x (transposed) faster than eight. Beyond it (l = 3: 138
+    tiles) two warps spill and eight are fastest. The atomic and per-edge gradient kernels
+    were fastest with four to eight warps (two: 1.2x and 2x slower).
+
+    Attributes:
+        block_e: edges per program of the atomic and per-edge kernels.
+        block_e_csr: edges per step of a CSR row.
+        block_n: rows per CSR program.
+        max_block_c: the most channels per program.
+        few_warps, few_warps_max_tiles: the CSR warps of descriptors with at most that
+            many live tiles (:func:`~torsion.kernels.triton._codegen.live_tiles`).
+        warps: the warps of every other launch.
+    """
+
+    block_e: int = 16
+    block_e_csr: int = 16
+    block_n: int = 1
+    max_block_c: int = 32
+    few_warps: int = 2
+    few_warps_max_tiles: int = 64
+    warps: int = 8
+
+
+_SETTINGS = LaunchSettings()
+
+
+@contextlib.contextmanager
+def launch_settings(**changes: int) -> Iterator[LaunchSettings]:
+    """Run the kernels with some :class:`LaunchSettings` changed (benchmark sweeps, tests).
+
+    Kernels compile per setting. Not thread-safe: the settings are process-wide.
+    """
+    global _SETTINGS
+    previous = _SETTINGS
+    _SETTINGS = dataclasses.replace(previous, **changes)
+    try:
+        yield _SETTINGS
+    finally:
+        _SETTINGS = previous
 
 
 def _launch_options(descriptor: TPDescriptor, csr: bool) -> dict[str, Any]:
-    """Launch options of a CSR kernel (``csr``) or of another kernel of ``descriptor``
-    (the interpreter ignores them).
+    """Launch options of a CSR kernel (``csr``) or of another kernel of ``descriptor``.
 
     Fused multiply-adds are stated so that triton does not fall back on, and warn about,
     its changing default."""
-    few = csr and live_tiles(descriptor) <= _FEW_WARPS_MAX_TILES
-    return {"enable_fp_fusion": True, "num_warps": 2 if few else 8}
+    few = csr and live_tiles(descriptor) <= _SETTINGS.few_warps_max_tiles
+    return {"enable_fp_fusion": True, "num_warps": _SETTINGS.few_warps if few else _SETTINGS.warps}
 
 
 _DESCRIPTORS: list[TPDescriptor] = []
@@ -115,7 +153,7 @@ def _weight_argument(w: Tensor | None, placeholder: Tensor) -> tuple[Tensor, int
 def _tiles(descriptor: TPDescriptor) -> tuple[int, int]:
     """``(BLOCK_C, number of channel blocks)``."""
     mul = max_multiplicity(descriptor)
-    block_c = min(_next_power_of_two(mul), _MAX_BLOCK_C)
+    block_c = min(_next_power_of_two(mul), _SETTINGS.max_block_c)
     return block_c, -(-mul // block_c)
 
 
@@ -162,19 +200,19 @@ def conv_node(
     if atomic:
         if num_edges == 0:
             return out
-        grid = (-(-num_edges // _BLOCK_E), channel_blocks)
+        grid = (-(-num_edges // _SETTINGS.block_e), channel_blocks)
         getattr(kernels, f"node_atomic{suffix}")[grid](
             gathered, a, w_arg, out, gather_index, scatter_index, num_edges,
             gathered.stride(0), a.stride(0), w_stride, out.stride(0),
-            BLOCK_E=_BLOCK_E, BLOCK_C=block_c, **_launch_options(d, csr=False),
+            BLOCK_E=_SETTINGS.block_e, BLOCK_C=block_c, **_launch_options(d, csr=False),
         )  # fmt: skip
         return out
     order, rowptr = _csr(scatter_index, num_rows)
-    grid = (-(-num_rows // _BLOCK_N), channel_blocks)
+    grid = (-(-num_rows // _SETTINGS.block_n), channel_blocks)
     getattr(kernels, f"node_csr{suffix}")[grid](
         gathered, a, w_arg, out, gather_index, order, rowptr, num_rows,
         gathered.stride(0), a.stride(0), w_stride, out.stride(0),
-        BLOCK_N=_BLOCK_N, BLOCK_E=_BLOCK_E_CSR, BLOCK_C=block_c,
+        BLOCK_N=_SETTINGS.block_n, BLOCK_E=_SETTINGS.block_e_csr, BLOCK_C=block_c,
         **_launch_options(d, csr=True),
     )  # fmt: skip
     return out
@@ -208,11 +246,11 @@ def _edge_launch(
     ga_arg = grad_a if need_attr else x
     gw_arg = grad_w if need_weight else x
     block_c, _ = _tiles(d)
-    grid = (-(-num_edges // _BLOCK_E),)
+    grid = (-(-num_edges // _SETTINGS.block_e),)
     kernels.edge_grads[grid](
         x, a, w_arg, g, edge_src, edge_dst, ga_arg, gw_arg, num_edges,
         x.stride(0), a.stride(0), w_stride, g.stride(0), ga_arg.stride(0), gw_arg.stride(0),
-        NEED_ATTR=need_attr, NEED_W=need_weight, BLOCK_E=_BLOCK_E, BLOCK_C=block_c,
+        NEED_ATTR=need_attr, NEED_W=need_weight, BLOCK_E=_SETTINGS.block_e, BLOCK_C=block_c,
         **_launch_options(d, csr=False),
     )  # fmt: skip
     return grad_a, grad_w
