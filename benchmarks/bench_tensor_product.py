@@ -413,14 +413,19 @@ def kernel_table(records: list[dict], env: dict, bandwidth: float, smoke: bool) 
     )
 
 
-def kernel_main(args, env: dict, device: str, smoke: bool) -> None:
-    """Run the kernel table on ``device``; ``smoke``: Triton's interpreter on tiny problems."""
-    problems = [
+def selected_problems(args) -> list[tuple[str, int, int]]:
+    """The kernel problems that ``--channels`` and ``--lmax`` select (all by default)."""
+    return [
         p
         for p in KERNEL_PROBLEMS
         if (args.channels is None or p[1] in args.channels)
         and (args.lmax is None or p[2] in args.lmax)
     ]
+
+
+def kernel_main(args, env: dict, device: str, smoke: bool) -> None:
+    """Run the kernel table on ``device``; ``smoke``: Triton's interpreter on tiny problems."""
+    problems = selected_problems(args)
     edges = args.edges or ((10_000,) if args.quick else KERNEL_EDGES)
     if smoke:
         problems = [(name, SMOKE_CHANNELS, lmax) for name, _, lmax in KERNEL_PROBLEMS[1:]]
@@ -546,12 +551,7 @@ def sweep_table(rows: list[dict], env: dict, smoke: bool) -> str:
 def sweep_main(args, env: dict, device: str, smoke: bool) -> None:
     """Run the launch-settings sweep on ``device`` (``smoke``: two settings of each group
     on a tiny problem through the interpreter)."""
-    problems = [
-        p
-        for p in KERNEL_PROBLEMS
-        if (args.channels is None or p[1] in args.channels)
-        and (args.lmax is None or p[2] in args.lmax)
-    ]
+    problems = selected_problems(args)
     edges = args.edges or ((10_000,) if args.quick else (1_000_000,))
     sweeps = {"csr": SWEEP_CSR, "edge": SWEEP_EDGE}
     if smoke:
