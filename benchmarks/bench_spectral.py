@@ -33,6 +33,7 @@ vectors) and the sum of the k eigenvalues (the smallest possible sum is the true
 missed eigenvalue makes it larger).
 
     python benchmarks/bench_spectral.py [--quick] [--out DIR] [--repeats N] [--threads N]
+        [--tables small,large,random_walk,one_graph]
 
 On a shared 2-core machine run it with ``--threads 1`` (torch's threads and, through
 threadpoolctl when installed, SciPy's BLAS under ARPACK for both libraries): a second
@@ -552,8 +553,22 @@ def limit_blas_threads(threads: int | None) -> None:
     threadpool_limits(threads)
 
 
+TABLES = ("small", "large", "random_walk", "one_graph")
+
+
+def add_options(parser) -> None:
+    parser.add_argument(
+        "--tables",
+        default=",".join(TABLES),
+        help=f"comma-separated subset of {','.join(TABLES)} (default: all)",
+    )
+
+
 def main() -> int:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, extra=add_options)
+    chosen = args.tables.split(",")
+    if not chosen or not set(chosen) <= set(TABLES):
+        raise SystemExit(f"--tables: choose from {','.join(TABLES)}, got {args.tables!r}")
     env = setup(args)
     limit_blas_threads(args.threads)
     print(environment_line(env), flush=True)
@@ -564,53 +579,66 @@ def main() -> int:
         count, big, side, rw_nodes = 10_000, 100_000, 316, 10_000
         singles, mid_sizes = 1000, (400, 1000, 3000, 5000)
 
-    small = small_graph_batch(args, count)
-    large = [
-        large_graph(args, "Barabasi-Albert m=5", barabasi_albert(big, 5, SEED), mesh=False),
-        large_graph(args, "sparse random, degree 10", sparse_random(big, 10, SEED), mesh=False),
-        large_graph(args, f"grid {side}x{side}", grid(side, side), mesh=True),
-    ]
-    rw = [
-        random_walk(
-            args,
-            f"Barabasi-Albert m=5, {rw_nodes} nodes",
-            Data(edge_index=barabasi_albert(rw_nodes, 5, SEED + 1), num_nodes=rw_nodes),
-            repeats_pyg=1,
-        ),
-        random_walk(
-            args,
-            f"batch of {count} graphs of 20-40 nodes",
-            Batch.from_data_list(small_graphs(count, SEED)),
-            repeats_pyg=min(args.repeats, 3),
-        ),
-        random_walk_graph_by_graph(args, singles),
-    ]
+    def small():
+        return small_graph_batch(args, count)
 
-    single = one_graph_at_a_time(args, singles, mid_sizes)
+    def large():
+        return [
+            large_graph(args, "Barabasi-Albert m=5", barabasi_albert(big, 5, SEED), mesh=False),
+            large_graph(args, "sparse random, degree 10", sparse_random(big, 10, SEED), mesh=False),
+            large_graph(args, f"grid {side}x{side}", grid(side, side), mesh=True),
+        ]
 
-    tables = [
-        f"Laplacian PE, k = {K}, one batched call (float32, and float64) vs PyG graph by "
-        "graph (median ms; errors and residuals over the first 500 graphs; torsion's "
-        "eigenvalues are its float32 ones, PyG's the Rayleigh quotients of its "
-        "vectors).\n\n" + small_table(small),
-        f"Laplacian PE, k = {K}, one large graph (median ms over "
-        f"{large[0]['timing']['pyg'].repeats} calls each; PyG's worst run for errors).\n\n"
-        + lap_table(large),
-        f"Random-walk PE, walk length {WALK} (median ms).\n\n" + rw_table(rw),
-        f"Laplacian PE, k = {K}, one graph at a time (median ms of all the calls; "
-        "the batched route: collate, one call, to_data_list()).\n\n" + one_graph_table(single),
-    ]
-    table = "\n\n".join(tables)
+    def random_walks():
+        return [
+            random_walk(
+                args,
+                f"Barabasi-Albert m=5, {rw_nodes} nodes",
+                Data(edge_index=barabasi_albert(rw_nodes, 5, SEED + 1), num_nodes=rw_nodes),
+                repeats_pyg=1,
+            ),
+            random_walk(
+                args,
+                f"batch of {count} graphs of 20-40 nodes",
+                Batch.from_data_list(small_graphs(count, SEED)),
+                repeats_pyg=min(args.repeats, 3),
+            ),
+            random_walk_graph_by_graph(args, singles),
+        ]
+
+    def captions(records) -> dict[str, str]:
+        captions = {
+            "small": f"Laplacian PE, k = {K}, one batched call (float32, and float64) vs PyG "
+            "graph by graph (median ms; errors and residuals over the first 500 graphs; "
+            "torsion's eigenvalues are its float32 ones, PyG's the Rayleigh quotients of its "
+            "vectors).\n\n",
+            "random_walk": f"Random-walk PE, walk length {WALK} (median ms).\n\n",
+            "one_graph": f"Laplacian PE, k = {K}, one graph at a time (median ms of all the "
+            "calls; the batched route: collate, one call, to_data_list()).\n\n",
+        }
+        if "large" in records:
+            captions["large"] = (
+                f"Laplacian PE, k = {K}, one large graph (median ms over "
+                f"{records['large'][0]['timing']['pyg'].repeats} calls each; PyG's worst run "
+                "for errors).\n\n"
+            )
+        return captions
+
+    runs = {
+        "small": (small, small_table),
+        "large": (large, lap_table),
+        "random_walk": (random_walks, rw_table),
+        "one_graph": (lambda: one_graph_at_a_time(args, singles, mid_sizes), one_graph_table),
+    }
+    records = {name: runs[name][0]() for name in TABLES if name in chosen}
+    heads = captions(records)
+    table = "\n\n".join(heads[name] + runs[name][1](records[name]) for name in records)
     print()
     print(table)
     print()
     print(environment_line(env))
     json_path, md_path = write_results(
-        "spectral",
-        args,
-        env,
-        [{"small": small}, {"large": large}, {"random_walk": rw}, {"one_graph": single}],
-        table,
+        "spectral", args, env, [{name: value} for name, value in records.items()], table
     )
     print(f"\nwrote {json_path} and {md_path}")
     return 0

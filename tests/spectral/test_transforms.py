@@ -218,6 +218,21 @@ def test_canonical_signs_match_the_rule_column_by_column(generator):
     assert [row[3] for row in expected] == [-flip for flip in flips]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_one_graph_signs_equal_those_of_a_batch_of_one(dtype, generator):
+    # one graph on the CPU takes a NumPy route (float32 / float64); the batched route is
+    # its oracle, on generic, antisymmetric (the fallback) and all-zero columns
+    half = torch.randn(4, 3, generator=generator, dtype=F64)
+    vectors = torch.cat(
+        [torch.randn(8, 3, generator=generator, dtype=F64), torch.cat([half, -half.flip(0)])], 1
+    )
+    vectors = torch.cat([vectors, torch.zeros(8, 1, dtype=F64)], 1).to(dtype)
+    batched = canonical_signs(vectors, torch.zeros(8, dtype=torch.long), 1)
+    one = canonical_signs(vectors)
+    assert one.dtype == dtype and torch.equal(one, batched)
+    assert one[0].tolist() == [reference_sign(vectors[:, j]) for j in range(7)]
+
+
 def test_random_signs_are_reproducible_with_a_generator(generator):
     data = small_graphs(generator)[1]
     canonical = AddLaplacianPE(k=4)(data).lap_pe

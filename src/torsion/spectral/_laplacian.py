@@ -322,43 +322,39 @@ def laplacian(
 def _component_roots(row: Tensor, col: Tensor, num_nodes: int) -> Tensor:
     """For each node, the smallest node index in its connected component.
 
-    On the CPU: a union-find over the edge list for small graphs (at most
-    ``_UNION_FIND_MAX_EDGES`` edges), SciPy's ``connected_components`` for large ones
-    (more than ``_SCIPY_MIN_EDGES``: below, building SciPy's matrix costs more than the
-    search). In between, and on other devices, hooking and pointer jumping
-    (Shiloach-Vishkin style, ``O(log N)`` rounds of scatters in practice). Edges are
-    read as undirected.
+    On the CPU: :func:`_host_component_roots` for small graphs (at most
+    ``_UNION_FIND_MAX_EDGES`` edges) and large ones (more than ``_SCIPY_MIN_EDGES``). In
+    between, and on other devices, hooking and pointer jumping (Shiloach-Vishkin style,
+    ``O(log N)`` rounds of scatters in practice). Edges are read as undirected.
     """
     device = row.device
-    nodes = torch.arange(num_nodes, device=device)
     if num_nodes == 0 or row.numel() == 0:
-        return nodes
-    if device.type == "cpu" and row.numel() <= _UNION_FIND_MAX_EDGES:
-        return _component_roots_union_find(row.tolist(), col.tolist(), num_nodes)
-    if device.type == "cpu" and row.numel() > _SCIPY_MIN_EDGES:
-        import scipy.sparse as sp
-        from scipy.sparse.csgraph import connected_components
-
-        graph = sp.csr_matrix(
-            (np.ones(row.numel(), dtype=np.int8), (row.numpy(), col.numpy())),
-            shape=(num_nodes, num_nodes),
-        )
-        _, labels = connected_components(graph, directed=False)
-        labels = torch.from_numpy(labels.astype(np.int64))
-        roots = torch.full((int(labels.max()) + 1,), num_nodes, dtype=torch.long)
-        roots.scatter_reduce_(0, labels, nodes, reduce="amin")
-        return roots[labels]
+        return torch.arange(num_nodes, device=device)
+    if device.type == "cpu" and not _UNION_FIND_MAX_EDGES < row.numel() <= _SCIPY_MIN_EDGES:
+        return torch.from_numpy(_host_component_roots(row.numpy(), col.numpy(), num_nodes))
     return _component_roots_torch(row, col, num_nodes)
 
 
-def _component_roots_union_find(row: list[int], col: list[int], num_nodes: int) -> Tensor:
-    """CPU :func:`_component_roots` of a small graph: union-find with path halving.
+def _host_component_roots(row: np.ndarray, col: np.ndarray, num_nodes: int) -> np.ndarray:
+    """:func:`_component_roots` in NumPy: union-find with path halving for at most
+    ``_UNION_FIND_MAX_EDGES`` edges, SciPy's ``connected_components`` above (below,
+    building SciPy's matrix costs more than the search).
 
     A union hangs the larger root under the smaller, so every node's parent is at most
     the node itself and a root is its set's least node; then one pass in node order
     finds every root."""
+    if row.size > _UNION_FIND_MAX_EDGES:
+        import scipy.sparse as sp
+        from scipy.sparse.csgraph import connected_components
+
+        ones = np.ones(row.size, dtype=np.int8)
+        graph = sp.csr_matrix((ones, (row, col)), shape=(num_nodes, num_nodes))
+        _, labels = connected_components(graph, directed=False)
+        roots = np.full(int(labels.max()) + 1, num_nodes)
+        np.minimum.at(roots, labels, np.arange(num_nodes))
+        return roots[labels]
     parent = list(range(num_nodes))
-    for i, j in zip(row, col, strict=True):
+    for i, j in zip(row.tolist(), col.tolist(), strict=True):
         while parent[i] != i:
             parent[i] = i = parent[parent[i]]
         while parent[j] != j:
@@ -369,7 +365,7 @@ def _component_roots_union_find(row: list[int], col: list[int], num_nodes: int) 
             parent[i] = j
     for i in range(num_nodes):
         parent[i] = parent[parent[i]]  # the parent's root, already found
-    return torch.from_numpy(np.array(parent, dtype=np.int64))
+    return np.array(parent, dtype=np.int64)
 
 
 def _component_roots_torch(row: Tensor, col: Tensor, num_nodes: int) -> Tensor:
@@ -601,7 +597,10 @@ def laplacian_eigs(
     dtype = _resolve_dtype(edge_weight, dtype, name)
     dense_max = _dense_max_nodes(edge_index.device)
     dense = method == "dense" or (method == "auto" and num_nodes <= dense_max)
-    if batch is None and dense and k > 0 and num_nodes > 0:
+    one_host_graph = edge_index.device.type == "cpu" and not (
+        edge_weight is not None and needs_gradient(edge_weight)
+    )
+    if batch is None and dense and k > 0 and num_nodes > 0 and one_host_graph:
         return _one_dense_graph(
             edge_index, num_nodes, edge_weight, k, normalization, skip_null_space, dtype, name
         )
@@ -667,50 +666,74 @@ def _one_dense_graph(
     dtype: torch.dtype,
     name: str,
 ) -> LaplacianEigs:
-    """:func:`laplacian_eigs` of one graph by dense ``eigh``: the route of a transform
-    applied graph by graph (a data set's ``transform=``).
+    """:func:`laplacian_eigs` of one graph on the CPU by dense ``eigh``, in NumPy: the route
+    of a transform applied graph by graph (a data set's ``transform=``), without gradients.
 
     The batched route's edge-list steps (coalescing, the sorted symmetry check, size
-    groups, gathers) cost several times the ``eigh`` of a molecule. Here the adjacency is
-    assembled densely first, the symmetry check, degrees and matrix come from it, and
-    the results are cut by slices. The matrix and its deflation are the batched route's.
+    groups, gathers) cost several times the ``eigh`` of a molecule, and so do the ~100
+    small torch ops of the same work done densely (2-7 us each, against under 1 us in
+    NumPy). Here the adjacency is assembled densely on the host, the symmetry check,
+    degrees, components and matrix come from it, and the results are cut by slices. The
+    matrix and its null-space deflation are the batched route's (a test holds the two
+    routes to each other).
     """
     check_graph_inputs(edge_index, num_nodes, edge_weight, name)
-    device = edge_index.device
-    row, col, weight, a = dense_adjacency(edge_index, num_nodes, edge_weight, dtype)
-    a.fill_diagonal_(0)  # self-loops are ignored
-    if not _same_weights(a, a.mT):
+    n, real = num_nodes, np.float32 if dtype == torch.float32 else np.float64
+    row, col = edge_index.numpy().astype(np.int64)
+    flat = row * n + col
+    if edge_weight is None:
+        a, connecting = np.bincount(flat, minlength=n * n), (row, col)
+    else:
+        weight = edge_weight.detach().numpy()
+        a, positive = np.bincount(flat, weights=weight, minlength=n * n), weight > 0
+        connecting = (row[positive], col[positive])
+    a = a.reshape(n, n).astype(real)
+    np.fill_diagonal(a, 0)  # self-loops are ignored
+    tol = 100 * np.finfo(real).eps  # _same_weights
+    if not (np.array_equal(a, a.T) or np.allclose(a, a.T, rtol=tol, atol=0.0)):
         raise _not_undirected(name)
     degree = a.sum(1)
-    comps = _components(row, col, None if edge_weight is None else weight, degree, normalization)
+    # components, numbered by their least node, and their unit null vectors
+    roots = _host_component_roots(*connecting, n)
+    rank = np.cumsum(roots == np.arange(n)) - 1
+    labels, c = rank[roots], int(rank[-1]) + 1
+    u = np.ones(n, real) if normalization is None else np.sqrt(np.where(degree > 0, degree, 1))
+    mass = np.zeros(n, real)
+    np.add.at(mass, roots, u * u)  # index_add_'s order: the batched route's rounding
+    null = u / np.sqrt(mass[roots])
     if normalization is None:
-        m = torch.diag(degree) - a
-        bound = 2.0 * degree.amax().clamp_min(0.5)[None]
+        m = np.diag(degree) - a
+        bound = 2.0 * max(float(degree.max()), 0.5)
     else:
-        inv = _inv_sqrt_degree(degree)
-        m = a.mul_(inv[:, None]).mul_(inv).neg_()
-        m.diagonal().add_(degree > 0)
-        bound = torch.full((1,), 2.0, dtype=dtype, device=device)
-    labels, weights, c = comps.local, comps.null_weights, int(comps.count)
-    theta, v = _deflated_eigh(m[None], labels[None], weights[None], c, bound)
+        inv = np.divide(1.0, np.sqrt(degree), out=np.zeros_like(degree), where=degree > 0)
+        m = a * -inv[:, None] * inv
+        m[np.diag_indices(n)] += degree > 0
+        bound = 2.0
+    z = (labels[:, None] == np.arange(c)) * (null * math.sqrt(bound + 1.0))[:, None]
+    # _deflated_eigh (the null space moves up), solved by torch's eigh: the batched
+    # route's LAPACK, so that a repeated eigenvalue gets the same basis on both routes
+    theta, v = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(m + z @ z.T)))
     # _assemble's work by slices: null vectors (unless skipped), non-null pairs, padding
     nulls = 0 if skip else min(c, k)
-    last = nulls + min(k - nulls, num_nodes - c)
-    values = torch.zeros(k, dtype=dtype, device=device)
-    values[nulls:last] = theta[0, : last - nulls]
-    vectors = torch.zeros(num_nodes, k, dtype=dtype, device=device)
-    vectors[:, nulls:last] = v[0, :, : last - nulls]
-    if nulls > 0:
-        null_vectors = labels[:, None] == torch.arange(nulls, device=device)
-        vectors[:, :nulls] = null_vectors * weights[:, None]
-    residual = torch.addmm(vectors * values, m, vectors, alpha=1, beta=-1)
+    last = nulls + min(k - nulls, n - c)
+    values = np.zeros(k, real)
+    values[nulls:last] = theta[: last - nulls]
+    vectors = np.zeros((n, k), real)
+    vectors[:, nulls:last] = v[:, : last - nulls]
+    vectors[:, :nulls] = (labels[:, None] == np.arange(nulls)) * null[:, None]
+    residual = m @ vectors - vectors * values
     if normalization == "rw":
-        scale = torch.where(degree > 0, degree, 1.0).rsqrt()[:, None]
+        scale = 1.0 / np.sqrt(np.where(degree > 0, degree, 1))[:, None]
         vectors, residual = vectors * scale, residual * scale
-    tiny = torch.finfo(dtype).tiny
-    residuals = residual.norm(dim=0) / vectors.norm(dim=0).clamp_min(tiny)  # padding: 0
-    mask = torch.arange(k, device=device) < last
-    return LaplacianEigs(values, vectors, mask, residuals, comps.count[0])
+    norms = np.maximum(np.linalg.norm(vectors, axis=0), np.finfo(real).tiny)
+    residuals = np.linalg.norm(residual, axis=0) / norms  # padding: 0
+    return LaplacianEigs(
+        torch.from_numpy(values),
+        torch.from_numpy(vectors),
+        torch.arange(k) < last,
+        torch.from_numpy(residuals.astype(real)),
+        torch.tensor(c),
+    )
 
 
 def _check_batch(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
@@ -36,6 +37,7 @@ __all__ = ["AddLaplacianPE", "AddRandomWalkPE"]
 SignRule = Literal["canonical", "random"] | None
 _SIGN_RULES = ("canonical", "random", None)
 _MOMENTS = (3, 5, 7)
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 # Columns of the identity pushed through the random walk at once: the block of
 # ``N x width`` values stays near 2**21 entries (8 MB in float32), cache-friendly.
 _BLOCK_ENTRIES = 2**21
@@ -138,30 +140,16 @@ def canonical_signs(vectors: Tensor, batch: Tensor | None = None, num_graphs: in
         ``(B, k)`` of ``+1`` / ``-1`` in the dtype of ``vectors``.
     """
     tau = tie_tolerance(vectors.dtype)
+    if batch is None and vectors.device.type == "cpu" and vectors.dtype in _NUMPY_DTYPES:
+        # one graph on the host (a transform applied graph by graph): the same rule in
+        # NumPy, whose small ops cost a fraction of torch's
+        return torch.from_numpy(_one_graph_signs(vectors.detach().numpy(), tau))
     b, k = num_graphs, vectors.shape[1]
-    sign = torch.ones(b, k, dtype=vectors.dtype, device=vectors.device)
-    magnitude = vectors.abs()
-    square = vectors * vectors
-    power, power_abs = vectors * square, magnitude * square  # v^3, |v|^3; then 5, 7
-    # the norms (padding, all-zero, columns keep +1) and the first moments
-    graph_sums = _graph_sums(batch, b, vectors)
-    norm, moment, scale = (graph_sums(t) for t in (square, power, power_abs))
-    decided = norm == 0
-    for p in _MOMENTS:
-        if p > _MOMENTS[0]:
-            # the higher moments only matter where the lower ones vanished (rare): skip
-            # them, and their host synchronisation, when every sign is settled
-            if bool(decided.all()):
-                return sign
-            power, power_abs = power * square, power_abs * square
-            moment = graph_sums(power)
-            scale = graph_sums(power_abs)
-        clear = (moment.abs() > tau * scale) & ~decided
-        sign = torch.where(clear, torch.sign(moment), sign)
-        decided |= clear
+    sign, decided = _moment_signs(vectors, _graph_sums(batch, b, vectors), tau)
     if bool(decided.all()):
         return sign
     # fallback: largest magnitude, lowest index among ties
+    magnitude = vectors.abs()
     graph = batch if batch is not None else torch.zeros_like(magnitude[:, 0], dtype=torch.long)
     n = vectors.shape[0]
     index = graph[:, None].expand(n, k)
@@ -174,6 +162,42 @@ def canonical_signs(vectors: Tensor, batch: Tensor | None = None, num_graphs: in
     entry = vectors.gather(0, first.clamp_max(max(n - 1, 0)))
     fallback = torch.where(first < n, torch.sign(entry), 1.0)
     return torch.where(decided, sign, fallback)
+
+
+def _one_graph_signs(vectors: np.ndarray, tau: float) -> np.ndarray:
+    """:func:`canonical_signs` of the ``(N, k)`` eigenvectors of one graph, in NumPy."""
+    sign, decided = _moment_signs(vectors, lambda values: values.sum(0, keepdims=True), tau)
+    if decided.all():
+        return sign
+    magnitude = np.abs(vectors)
+    candidate = (magnitude >= (1 - tau) * magnitude.max(0, initial=0.0)) & (magnitude > 0)
+    first = candidate.argmax(0)  # the lowest index among ties
+    entry = vectors[first, np.arange(vectors.shape[1])]
+    fallback = np.where(candidate.any(0), np.sign(entry), 1).astype(vectors.dtype)
+    return np.where(decided, sign, fallback[None])
+
+
+def _moment_signs(vectors, graph_sums: Callable, tau: float):
+    """The signs :func:`canonical_signs` reads off the odd moments, and where they decide
+    (all-zero columns too, with ``+1``): ``(B, k)`` each. ``vectors`` is a tensor or a
+    NumPy array (one graph on the host), ``graph_sums`` sums its rows over each graph."""
+    xp = np if isinstance(vectors, np.ndarray) else torch
+    square = vectors * vectors
+    power, power_abs = vectors * square, abs(vectors) * square  # v^3, |v|^3; then 5, 7
+    norm = graph_sums(square)
+    sign, decided = xp.ones_like(norm), norm == 0
+    for p in _MOMENTS:
+        if p > _MOMENTS[0]:
+            # the higher moments only matter where the lower ones vanished (rare): skip
+            # them, and their host synchronisation, when every sign is settled
+            if bool(decided.all()):
+                break
+            power, power_abs = power * square, power_abs * square
+        moment, scale = graph_sums(power), graph_sums(power_abs)
+        clear = (abs(moment) > tau * scale) & ~decided
+        sign = xp.where(clear, xp.sign(moment), sign)
+        decided |= clear
+    return sign, decided
 
 
 class AddLaplacianPE(BaseTransform):
