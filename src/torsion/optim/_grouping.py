@@ -100,21 +100,32 @@ def split_into_batches(
         ``(euclidean, batches)``.
     """
     euclidean: list[Tensor] = []
+    # first by shape, dtype and device; a manifold key (a walk over the manifold's
+    # attributes) is computed only where two parameters could share a batch
+    candidates: dict[Hashable, list[Tensor]] = {}
+    position: dict[int, int] = {}
+    for index, param in enumerate(params):
+        position[id(param)] = index
+        if manifold_of(param) is None:
+            euclidean.append(param)
+        elif batched:
+            candidates.setdefault((param.shape, param.dtype, param.device), []).append(param)
+        else:
+            candidates[("param", id(param))] = [param]
     batches: dict[Hashable, Batch] = {}
     keys: dict[int, Hashable] = {}  # one key computation per manifold object and call
-    for param in params:
-        manifold = manifold_of(param)
-        if manifold is None:
-            euclidean.append(param)
-            continue
-        if batched:
-            if id(manifold) not in keys:
-                keys[id(manifold)] = key(manifold)
-            batch_key = (keys[id(manifold)], param.shape, param.dtype, param.device)
-        else:
-            batch_key = ("param", id(param))
-        batches.setdefault(batch_key, Batch(manifold)).params.append(param)
-    return euclidean, [chunk for batch in batches.values() for chunk in _cache_sized(batch)]
+    for group_key, members in candidates.items():
+        for param in members:
+            manifold = manifold_of(param)
+            if len(members) == 1:
+                batch_key: Hashable = group_key
+            else:
+                if id(manifold) not in keys:
+                    keys[id(manifold)] = key(manifold)
+                batch_key = (group_key, keys[id(manifold)])
+            batches.setdefault(batch_key, Batch(manifold)).params.append(param)
+    ordered = sorted(batches.values(), key=lambda batch: position[id(batch.params[0])])
+    return euclidean, [chunk for batch in ordered for chunk in _cache_sized(batch)]
 
 
 def _cache_sized(batch: Batch) -> list[Batch]:
@@ -151,6 +162,13 @@ class Workspace:
     chunk stacks into a prefix of it. Other devices allocate through their own caching
     allocators, so there :meth:`stack` is ``torch.stack``.
 
+    A batch of one tensor (a parameter whose shape no other shares, the common case in a
+    model with a few manifold layers) is not copied at all: its "stack" is the
+    ``(1, *shape)`` view, so in-place work on it reaches the tensor itself. The optimizers
+    write in place only to their own state and to the parameters they overwrite anyway,
+    and ask for a ``private`` copy of anything else they write to (a gradient to which
+    weight decay is added). Copies and write-backs were a third of a small parameter's step.
+
     A stacked tensor is valid until the next :meth:`stack` of the same role and shape:
     an update must finish with one chunk (write it back) before stacking the next.
     """
@@ -158,12 +176,15 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple, Tensor] = {}
 
-    def stack(self, tensors: list[Tensor], role: str) -> Tensor:
-        """``torch.stack(tensors)`` into the reused buffer of ``role`` (CPU), or fresh.
+    def stack(self, tensors: list[Tensor], role: str, *, private: bool = False) -> Tensor:
+        """``torch.stack(tensors)`` into the reused buffer of ``role`` (CPU), or fresh; a
+        view of a single tensor unless ``private``.
 
         Called under ``torch.no_grad()`` by the optimizers, so no graph is recorded.
         """
         first = tensors[0]
+        if len(tensors) == 1 and not private:
+            return first.unsqueeze(0)
         if first.device.type != "cpu":
             return torch.stack(tensors)
         key = (role, first.shape, first.dtype)
@@ -175,5 +196,13 @@ class Workspace:
 
 
 def write_back(targets: list[Tensor], stacked: Tensor) -> None:
-    """Copy the slices of ``stacked`` into ``targets`` (one multi-tensor copy)."""
+    """Copy the slices of ``stacked`` into ``targets`` (one multi-tensor copy); nothing
+    where ``stacked`` is already a view of its one target (:meth:`Workspace.stack`)."""
+    if len(targets) == 1 and _is_view_of(stacked, targets[0]):
+        return
     torch._foreach_copy_(targets, list(stacked.unbind(0)))
+
+
+def _is_view_of(stacked: Tensor, target: Tensor) -> bool:
+    """Whether the ``(1, *shape)`` tensor ``stacked`` is ``target.unsqueeze(0)``."""
+    return stacked.data_ptr() == target.data_ptr() and stacked.stride()[1:] == target.stride()

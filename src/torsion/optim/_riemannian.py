@@ -92,6 +92,19 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     )
 
 
+def _bias_corrections(
+    steps: list[Tensor], beta1: float, beta2: float, like: Tensor
+) -> tuple[Tensor | float, Tensor | float]:
+    """Adam's ``1 - beta1^t`` and ``1 - beta2^t`` of each point, in float64 on the CPU,
+    where the step counts live (no host sync): shaped by :func:`_per_sample` to scale
+    ``like``, or plain numbers for one point (ten tensor operations fewer)."""
+    if len(steps) == 1:
+        t = steps[0].item()
+        return 1 - beta1**t, 1 - beta2**t
+    t = torch.stack(steps).to(torch.float64)
+    return _per_sample(1 - beta1**t, like), _per_sample(1 - beta2**t, like)
+
+
 # ---------------------------------------------------------------------------------------
 # The shared machinery
 # ---------------------------------------------------------------------------------------
@@ -139,10 +152,11 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
     def _batches(self, params: list[Tensor], group: dict[str, Any]):
         return split_into_batches(params, batched=group["foreach"], key=self._batch_key)
 
-    def _stack(self, tensors: list[Tensor], role: str) -> Tensor:
-        """The tensors of one chunk stacked, in the reused buffer of ``role`` (on a CPU;
-        see :class:`~torsion.optim._grouping.Workspace`)."""
-        return self._workspace.stack(tensors, role)
+    def _stack(self, tensors: list[Tensor], role: str, *, private: bool = False) -> Tensor:
+        """The tensors of one chunk stacked, in the reused buffer of ``role`` (on a CPU),
+        or the view of a single tensor unless ``private`` (see
+        :class:`~torsion.optim._grouping.Workspace`)."""
+        return self._workspace.stack(tensors, role, private=private)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -454,8 +468,9 @@ class RiemannianSGD(_BatchedRiemannianOptimizer):
         manifold, params = batch.manifold, batch.params
         lr, momentum = group["lr"], group["momentum"]
         x = self._stack(params, "x")
-        g = self._stack([p.grad for p in params], "grad")
-        if group["weight_decay"] != 0:
+        decay = group["weight_decay"] != 0
+        g = self._stack([p.grad for p in params], "grad", private=decay)
+        if decay:
             g.add_(x, alpha=group["weight_decay"])
         r = manifold.egrad2rgrad(x, g)
         if momentum == 0:
@@ -659,8 +674,9 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
         weight_decay = group["weight_decay"]
 
         x = self._stack(params, "x")
-        g = self._stack([p.grad for p in params], "grad")
-        if weight_decay != 0 and not group["decoupled_weight_decay"]:
+        decay = weight_decay != 0 and not group["decoupled_weight_decay"]
+        g = self._stack([p.grad for p in params], "grad", private=decay)
+        if decay:
             g.add_(x, alpha=weight_decay)
         r = manifold.egrad2rgrad(x, g)
         square = manifold.component_inner(x, r)  # (B, 1, 1) for one number per matrix
@@ -675,11 +691,8 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
             max_exp_avg_sq = self._stack([s["max_exp_avg_sq"] for s in states], "max_exp_avg_sq")
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
 
-        # bias corrections in float64 on the CPU, where the step counts live (no host sync);
         # the scale -lr / (bias_correction1 * denominator) has the small shape of the moments
-        t = torch.stack(steps).to(torch.float64)
-        bias_correction1 = _per_sample(1 - beta1**t, exp_avg_sq)
-        bias_correction2 = _per_sample(1 - beta2**t, exp_avg_sq)
+        bias_correction1, bias_correction2 = _bias_corrections(steps, beta1, beta2, exp_avg_sq)
         second = max_exp_avg_sq if amsgrad else exp_avg_sq
         denominator = second.div(bias_correction2).sqrt_().add_(group["eps"])
         scale = denominator.mul_(bias_correction1).reciprocal_().mul_(-group["lr"])
