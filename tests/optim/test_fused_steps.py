@@ -5,9 +5,10 @@ separate maps and against independent implementations (geoopt's SPD and Stiefel)
   whitened new point, equal to ``retr`` then ``transp``;
 * ``SPDAffineInvariant.retr_transp_direction``: the transport of the step's own direction
   without a square root (it commutes with the whitened step), equal to ``retr_transp``;
-* ``Stiefel.retr_transp``: the QR retraction by two passes of Cholesky QR, equal to
-  Householder QR with the sign fix to rounding, large steps and float32 included; one
-  pass under a step bound of at most 1, which Adam derives from its betas;
+* ``Stiefel.retr_transp``: the QR retraction, by one pass of Cholesky QR under a step
+  bound of at most 1 (which Adam derives from its betas), else by Householder QR: equal to
+  Householder QR with the sign fix to rounding and orthonormal, float32 and huge
+  rank-deficient steps included (where two passes of Cholesky QR were not);
 * the optimizers on these manifolds follow geoopt's optimizers on geoopt's own
   ``SymmetricPositiveDefinite`` and ``EuclideanStiefel`` (no code shared with torsion).
 """
@@ -138,16 +139,29 @@ def test_stiefel_retr_transp_equals_retr_then_transp(batch, metric, retraction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("rank", [6, 1])
 @pytest.mark.parametrize(
     ("step", "step_bound"),
-    # two passes at any step; one pass under a bound <= 1
-    [(1e-4, None), (1.0, None), (30.0, None), (1000.0, None), (1e-4, 1.0), (0.3, 1.0), (1.0, 1.0)],
+    # one pass of Cholesky QR under a bound <= 1; any step without one (a rank-one float32
+    # step of norm 2e4 left two passes of Cholesky QR 6e7 away from orthonormal)
+    [
+        (1e-4, None),
+        (1.0, None),
+        (30.0, None),
+        (1e3, None),
+        (2e4, None),
+        (1e6, None),
+        (1e-4, 1.0),
+        (0.3, 1.0),
+        (1.0, 1.0),
+    ],
 )
-def test_stiefel_cholesky_qr_retraction_is_householder_qr(dtype, step, step_bound):
+def test_stiefel_qr_retr_transp_is_householder_qr(dtype, rank, step, step_bound):
     st = Stiefel()
     g = _gen(8)
     x = st.random(16, 40, 6, dtype=F64, generator=g)
-    u = st.proju(x, torch.randn(16, 40, 6, dtype=F64, generator=g))
+    direction = torch.randn(16, 40, rank, dtype=F64, generator=g)
+    u = st.proju(x, direction @ torch.randn(16, rank, 6, dtype=F64, generator=g))
     u = u * (step / torch.linalg.matrix_norm(u, ord=2, keepdim=True))
     x, u = x.to(dtype), u.to(dtype)
     y, moved = st.retr_transp(x, u, u, step_bound=step_bound)

@@ -46,7 +46,7 @@ def qr_unique(a: Tensor) -> tuple[Tensor, Tensor]:
     _check_tall(a, "qr_unique")
     q, r = torch.linalg.qr(a)
     diag = r.diagonal(dim1=-2, dim2=-1)
-    sign = torch.where(diag < 0, -1.0, 1.0).to(a.dtype)
+    sign = torch.ones_like(diag).copysign_(diag)  # +-1 (torch.sign would give 0 at a zero pivot)
     return q * sign[..., None, :], r * sign[..., :, None]
 
 

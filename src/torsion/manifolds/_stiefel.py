@@ -96,31 +96,27 @@ def _block(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
     return torch.cat([torch.cat([a, b], dim=-1), torch.cat([c, d], dim=-1)], dim=-2)
 
 
-def _cholesky_qf(a: Tensor, passes: int = 2) -> Tensor:
-    """The ``Q`` factor of ``a = Q R`` with ``diag(R) > 0`` (``qr_unique(a)[0]``) by
-    ``passes`` passes of Cholesky QR (two: CholeskyQR2; Fukaya, Nakatsukasa, Yanagisawa &
-    Yamamoto 2014).
+def _cholesky_qf(a: Tensor) -> Tensor:
+    """The ``Q`` factor of ``a = Q R`` with ``diag(R) > 0`` (``qr_unique(a)[0]``) by one
+    pass of Cholesky QR: ``R^T R = a^T a``, ``Q = a R^-1``.
 
-    One pass ``a = (a R^-1) R``, ``R^T R = a^T a``, loses orthogonality like
-    ``eps cond(a)^2``; the second pass on its nearly orthonormal output restores it to
-    rounding while ``cond(a) < eps^(-1/2)`` (about 3000 in float32). A retraction calls it
-    on ``x + u`` with ``u`` tangent, whose singular values are ``sqrt(1 + s_i(u)^2) >= 1``:
-    ``cond(x + u) <= sqrt(1 + ||u||_2^2)``, so one pass is enough (``cond^2 <= 2``) when
-    ``||u||_2 <= 1`` is known in advance. Both factors ``R`` have positive diagonals, so
-    ``Q`` is the sign-fixed factor. Only products and ``p x p`` factorizations, which
-    batch well on a CPU where Householder QR of tall-skinny matrices does not.
+    It loses orthogonality like ``eps cond(a)^2``, so it is used only where
+    ``cond(a) <= sqrt(2)`` is known in advance: a retraction calls it on ``x + u`` with
+    ``u`` tangent, whose singular values are ``sqrt(1 + s_i(u)^2)``, when ``||u||_2 <= 1``.
+    (A second pass, CholeskyQR2, does not make it safe for any step: its Gram matrix loses
+    the identity part of ``I + u^T u`` once ``eps ||u||_2^2`` nears 1. A rank-one float32
+    step of norm 2e4 came back 6e7 away from orthonormal.) Only products and ``p x p``
+    factorizations, which batch well on a CPU where Householder QR of tall-skinny
+    matrices does not.
 
     Shapes:
         ``a``: ``(..., n, p)``, ``n >= p``, full column rank; output: ``(..., n, p)``.
     """
+    factor, _ = torch.linalg.cholesky_ex(a.mT @ a)
+    # a R^-1 as a product with the p x p inverse: a triangular solve with the n x p
+    # right-hand side would copy it to and from LAPACK's column-major layout
     eye = _eye(a.shape[-1], a)
-    q = a
-    for _ in range(passes):
-        factor, _ = torch.linalg.cholesky_ex(q.mT @ q)
-        # q R^-1 as a product with the p x p inverse: a triangular solve with the n x p
-        # right-hand side would copy it to and from LAPACK's column-major layout
-        q = q @ torch.linalg.solve_triangular(factor, eye, upper=False).mT
-    return q
+    return a @ torch.linalg.solve_triangular(factor, eye, upper=False).mT
 
 
 def _size(size: tuple) -> tuple[int, ...]:
@@ -821,12 +817,13 @@ class Stiefel(_OrthonormalFrames):
     ) -> tuple[Tensor, Tensor]:
         """:meth:`retr` of ``u`` and :meth:`transp` of ``v`` to the new point, in one call.
 
-        The ``qr`` retraction is computed here by Cholesky QR (:func:`_cholesky_qf`):
-        ``qf(x + u)`` from ``p x p`` Gram matrices, matrix products and ``p x p``
-        triangular inverses, equal to :meth:`retr` to rounding for tangent ``u`` (where
-        ``x + u`` has no singular value below 1). On a CPU it is about 1.5x faster than
-        the Householder QR with sign fix of :meth:`retr` on batches of ``256 x 32``
-        matrices. Other retractions are :meth:`retr`'s.
+        With the ``qr`` retraction and a ``step_bound`` of at most 1, ``qf(x + u)`` is
+        computed by one pass of Cholesky QR (:func:`_cholesky_qf`): ``p x p`` Gram
+        matrices, matrix products and a ``p x p`` triangular inverse, equal to
+        :meth:`retr`'s Householder QR to rounding (``x + u`` then has condition number at
+        most ``sqrt(2)``) and about 2x faster than it on a CPU on batches of ``256 x 32``
+        matrices. Without such a bound it is :meth:`retr`'s Householder QR, which stays
+        orthonormal to rounding for any step. Other retractions are :meth:`retr`'s.
 
         Args:
             x: points.
@@ -834,17 +831,15 @@ class Stiefel(_OrthonormalFrames):
             v: tangent vectors to transport.
             step_bound: a bound on every ``||u||_2`` known without reading ``u`` (an
                 optimizer derives one from its hyperparameters, see
-                :class:`~torsion.optim.RiemannianAdam`). At most 1, ``x + u`` has condition
-                number at most ``sqrt(2)`` and one pass of Cholesky QR is exact to
-                rounding instead of two. Not checked; ``None`` (default): two passes.
+                :class:`~torsion.optim.RiemannianAdam`). Not checked; ``None`` (default):
+                no bound.
 
         Shapes:
             ``x``, ``u``, ``v``: ``(..., n, p)``; outputs: ``(..., n, p)`` each.
         """
         self._validate("retr_transp", {"x": x}, {"u": u, "v": v})
-        if self.retraction == "qr":
-            one_pass = step_bound is not None and step_bound <= 1.0
-            y = _cholesky_qf(x + u, passes=1 if one_pass else 2)
+        if self.retraction == "qr" and step_bound is not None and step_bound <= 1.0:
+            y = _cholesky_qf(x + u)
         else:
             y = self.retr(x, u)
         return y, v - y @ sym(y.mT @ v)

@@ -163,11 +163,15 @@ class Workspace:
     allocators, so there :meth:`stack` is ``torch.stack``.
 
     A batch of one tensor (a parameter whose shape no other shares, the common case in a
-    model with a few manifold layers) is not copied at all: its "stack" is the
-    ``(1, *shape)`` view, so in-place work on it reaches the tensor itself. The optimizers
-    write in place only to their own state and to the parameters they overwrite anyway,
-    and ask for a ``private`` copy of anything else they write to (a gradient to which
-    weight decay is added). Copies and write-backs were a third of a small parameter's step.
+    model with a few manifold layers) is not stacked at all: its "stack" is the tensor
+    itself, without a leading batch dimension (manifold maps treat leading dimensions as a
+    batch, so the update is the same code; it reads per-point shapes from the trailing
+    dimensions). In-place work on it reaches the tensor. The optimizers write in place only
+    to their own state and to the parameters they overwrite anyway, and ask for a
+    ``private`` copy of anything else they write to (a gradient to which weight decay is
+    added). On a small parameter the copies, the write-backs and the batched matrix
+    products of a ``(1, n, p)`` stack (``bmm`` behind ``expand`` and ``reshape``) were
+    40 % of the step.
 
     A stacked tensor is valid until the next :meth:`stack` of the same role and shape:
     an update must finish with one chunk (write it back) before stacking the next.
@@ -178,13 +182,13 @@ class Workspace:
 
     def stack(self, tensors: list[Tensor], role: str, *, private: bool = False) -> Tensor:
         """``torch.stack(tensors)`` into the reused buffer of ``role`` (CPU), or fresh; a
-        view of a single tensor unless ``private``.
+        single tensor itself (a copy if ``private``).
 
         Called under ``torch.no_grad()`` by the optimizers, so no graph is recorded.
         """
         first = tensors[0]
-        if len(tensors) == 1 and not private:
-            return first.unsqueeze(0)
+        if len(tensors) == 1:
+            return first.clone() if private else first
         if first.device.type != "cpu":
             return torch.stack(tensors)
         key = (role, first.shape, first.dtype)
@@ -196,13 +200,10 @@ class Workspace:
 
 
 def write_back(targets: list[Tensor], stacked: Tensor) -> None:
-    """Copy the slices of ``stacked`` into ``targets`` (one multi-tensor copy); nothing
-    where ``stacked`` is already a view of its one target (:meth:`Workspace.stack`)."""
-    if len(targets) == 1 and _is_view_of(stacked, targets[0]):
+    """Copy the slices of ``stacked`` into ``targets`` (one multi-tensor copy), or the
+    unstacked result of a batch of one into its target, unless it is the target."""
+    if len(targets) == 1 and stacked.shape == targets[0].shape:  # unstacked (Workspace.stack)
+        if stacked is not targets[0]:
+            targets[0].copy_(stacked)
         return
     torch._foreach_copy_(targets, list(stacked.unbind(0)))
-
-
-def _is_view_of(stacked: Tensor, target: Tensor) -> bool:
-    """Whether the ``(1, *shape)`` tensor ``stacked`` is ``target.unsqueeze(0)``."""
-    return stacked.data_ptr() == target.data_ptr() and stacked.stride()[1:] == target.stride()

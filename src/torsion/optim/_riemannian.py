@@ -19,7 +19,7 @@ rounding; on plain parameters they are :class:`torch.optim.SGD` and
   :class:`~torsion.manifolds.SPDAffineInvariant` that transport needs no matrix square
   root. Adam's step is also bounded in norm by ``lr`` times a function of its betas
   (:func:`adam_direction_bound`), which it hands to retractions that can use it: on
-  :class:`~torsion.manifolds.Stiefel` one pass of Cholesky QR instead of two;
+  :class:`~torsion.manifolds.Stiefel` one pass of Cholesky QR instead of Householder QR;
 * no step reads a device value back to the host; step counts live on the CPU, as in
   :class:`torch.optim.Adam`;
 * the optimizer state is keyed per parameter exactly as torch's
@@ -154,7 +154,7 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
 
     def _stack(self, tensors: list[Tensor], role: str, *, private: bool = False) -> Tensor:
         """The tensors of one chunk stacked, in the reused buffer of ``role`` (on a CPU),
-        or the view of a single tensor unless ``private`` (see
+        or a single tensor itself, copied if ``private`` (see
         :class:`~torsion.optim._grouping.Workspace`)."""
         return self._workspace.stack(tensors, role, private=private)
 
@@ -257,8 +257,8 @@ def retr_transp_direction(
 
     ``step_bound`` (a bound on the spectral norm of every step ``t * direction``, known
     in advance) is passed on to a manifold whose ``retr_transp`` takes it
-    (``retr_transp_takes_step_bound``): :class:`~torsion.manifolds.Stiefel` then needs one
-    pass of Cholesky QR instead of two.
+    (``retr_transp_takes_step_bound``): :class:`~torsion.manifolds.Stiefel` then takes one
+    pass of Cholesky QR instead of Householder QR.
 
     Shapes:
         ``x``, ``direction``: ``(B, *shape)``; ``t``: a number or a tensor broadcasting
@@ -680,7 +680,9 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
             g.add_(x, alpha=weight_decay)
         r = manifold.egrad2rgrad(x, g)
         square = manifold.component_inner(x, r)  # (B, 1, 1) for one number per matrix
-        states = [self._state(p, amsgrad, square.shape[1:]) for p in params]
+        # one point's: the trailing dimensions (a batch of one comes unstacked)
+        moment_shape = square.shape[square.dim() - params[0].dim() :]
+        states = [self._state(p, amsgrad, moment_shape) for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
 
@@ -703,7 +705,7 @@ class RiemannianAdam(_BatchedRiemannianOptimizer):
             x, exp_avg = manifold.retr_transp(x, step, exp_avg)
         else:
             bound = None
-            if math.prod(square.shape[1:]) == 1:  # one second moment per point
+            if math.prod(moment_shape) == 1:  # one second moment per point
                 direction_bound = adam_direction_bound(beta1, beta2)
                 if direction_bound is not None:
                     bound = group["lr"] * direction_bound
