@@ -6,7 +6,8 @@ separate maps and against independent implementations (geoopt's SPD and Stiefel)
 * ``SPDAffineInvariant.retr_transp_direction``: the transport of the step's own direction
   without a square root (it commutes with the whitened step), equal to ``retr_transp``;
 * ``Stiefel.retr_transp``: the QR retraction, by one pass of Cholesky QR under a step
-  bound of at most 1 (which Adam derives from its betas), else by Householder QR: equal to
+  bound of at most 1 (which Adam derives from its betas, and which the CPU reads off the
+  step), else by Householder QR: equal to
   Householder QR with the sign fix to rounding and orthonormal, float32 and huge
   rank-deficient steps included (where two passes of Cholesky QR were not);
 * the optimizers on these manifolds follow geoopt's optimizers on geoopt's own
@@ -172,6 +173,18 @@ def test_stiefel_qr_retr_transp_is_householder_qr(dtype, rank, step, step_bound)
     want = geoopt.EuclideanStiefel().retr(x, u)
     torch.testing.assert_close(y, want, rtol=0, atol=50 * eps)
     torch.testing.assert_close(moved, st.transp(x, y, u), rtol=0, atol=0)
+
+
+def test_stiefel_qr_retr_transp_traces_whole_without_a_bound():
+    # on the CPU an unbounded call reads ||u||_F to pick Cholesky QR; under torch.compile
+    # it must not (a graph break), and takes Householder QR, equal to rounding
+    st = Stiefel()
+    g = _gen(9)
+    x = st.random(4, 20, 3, dtype=F64, generator=g)
+    u = 0.1 * st.random_tangent(x, generator=g)
+    compiled = torch.compile(st.retr_transp, backend="eager", fullgraph=True)
+    for want, got in zip(st.retr_transp(x, u, u), compiled(x, u, u), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.99), (0.5, 0.9), (0.0, 0.999)])

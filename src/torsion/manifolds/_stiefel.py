@@ -119,6 +119,12 @@ def _cholesky_qf(a: Tensor) -> Tensor:
     return a @ torch.linalg.solve_triangular(factor, eye, upper=False).mT
 
 
+def _reads_freely(t: Tensor) -> bool:
+    """Whether a value computed from ``t`` can steer Python control flow at no cost: a
+    non-empty CPU tensor (no device to wait for) outside ``torch.compile`` tracing."""
+    return t.numel() > 0 and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _size(size: tuple) -> tuple[int, ...]:
     if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
         size = tuple(size[0])
@@ -817,13 +823,16 @@ class Stiefel(_OrthonormalFrames):
     ) -> tuple[Tensor, Tensor]:
         """:meth:`retr` of ``u`` and :meth:`transp` of ``v`` to the new point, in one call.
 
-        With the ``qr`` retraction and a ``step_bound`` of at most 1, ``qf(x + u)`` is
-        computed by one pass of Cholesky QR (:func:`_cholesky_qf`): ``p x p`` Gram
-        matrices, matrix products and a ``p x p`` triangular inverse, equal to
-        :meth:`retr`'s Householder QR to rounding (``x + u`` then has condition number at
+        With the ``qr`` retraction and a bound of at most 1 on every ``||u||_2``,
+        ``qf(x + u)`` is computed by one pass of Cholesky QR (:func:`_cholesky_qf`):
+        ``p x p`` Gram matrices, matrix products and a ``p x p`` triangular inverse, equal
+        to :meth:`retr`'s Householder QR to rounding (``x + u`` then has condition number at
         most ``sqrt(2)``) and about 2x faster than it on a CPU on batches of ``256 x 32``
-        matrices. Without such a bound it is :meth:`retr`'s Householder QR, which stays
-        orthonormal to rounding for any step. Other retractions are :meth:`retr`'s.
+        matrices. The bound is ``step_bound`` when given; on the CPU (outside
+        ``torch.compile``) it is otherwise the largest ``||u||_F``, whose reading costs one
+        reduction and no device synchronisation. Without a bound, or above 1, it is
+        :meth:`retr`'s Householder QR, which stays orthonormal to rounding for any step.
+        Other retractions are :meth:`retr`'s.
 
         Args:
             x: points.
@@ -838,6 +847,8 @@ class Stiefel(_OrthonormalFrames):
             ``x``, ``u``, ``v``: ``(..., n, p)``; outputs: ``(..., n, p)`` each.
         """
         self._validate("retr_transp", {"x": x}, {"u": u, "v": v})
+        if self.retraction == "qr" and step_bound is None and _reads_freely(u):
+            step_bound = float(torch.linalg.matrix_norm(u).amax())  # >= every ||u||_2
         if self.retraction == "qr" and step_bound is not None and step_bound <= 1.0:
             y = _cholesky_qf(x + u)
         else:
