@@ -114,6 +114,24 @@ def test_laplacian_pe_on_a_batch_equals_per_graph(generator):
     assert collated.lap_pe_eigvals.shape == out.lap_pe_eigvals.shape
 
 
+@pytest.mark.parametrize("n", [60, 130])
+def test_repeated_eigenvalues_get_one_basis_graph_by_graph_and_in_a_batch(n):
+    # a cycle's non-trivial eigenvalues 1 - cos(2 pi j / n) come in pairs; each route has
+    # its own code (a NumPy route for one graph), and the basis of each pair must agree:
+    # the same eigh on the same matrix, to the last bit (a fused multiply-add in the
+    # batched route's deflation once broke it)
+    ring = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])
+    ring = torch.cat([ring, ring.flip(0)], 1)
+    graph = Data(edge_index=ring, num_nodes=n)
+    other = Data(edge_index=torch.tensor([[0, 1], [1, 0]]), num_nodes=2)  # not alone
+    single = AddLaplacianPE(k=16)(graph)
+    batched = AddLaplacianPE(k=16)(Batch.from_data_list([other, graph]))
+    want = 1 - torch.cos(2 * math.pi * ((torch.arange(16) + 2) // 2) / n)
+    torch.testing.assert_close(single.lap_pe_eigvals[0], want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched.lap_pe_eigvals[1], want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched.lap_pe[2:], single.lap_pe, rtol=0, atol=1e-5)
+
+
 def test_encodings_of_a_batch_split_back_into_its_graphs(generator):
     """``to_data_list()`` and ``batch[i]`` return each graph's encodings (PyG drops the
     attributes it did not collate), and the caller's batch keeps its split tables."""

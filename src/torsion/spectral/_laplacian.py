@@ -468,7 +468,10 @@ def _deflated_eigh(
     spectrum (``bound`` ``(b,)`` bounds it), so the non-null pairs come first, exactly."""
     scaled = weights * (bound + 1.0).sqrt()[:, None]
     z = (labels[:, :, None] == torch.arange(width, device=m.device)) * scaled[:, :, None]
-    return _batched_eigh(torch.baddbmm(m, z, z.mT))
+    # not baddbmm: its fused multiply-add rounds differently from the one-graph route's
+    # m + z @ z.T (each entry of z z^T is one product: a row of z has one non-zero), and
+    # a repeated eigenvalue's basis follows the last bit of the matrix
+    return _batched_eigh(m + z @ z.mT)
 
 
 # ---------------------------------------------------------------------------------------
@@ -711,7 +714,8 @@ def _one_dense_graph(
         bound = 2.0
     z = (labels[:, None] == np.arange(c)) * (null * math.sqrt(bound + 1.0))[:, None]
     # _deflated_eigh (the null space moves up), solved by torch's eigh: the batched
-    # route's LAPACK, so that a repeated eigenvalue gets the same basis on both routes
+    # route's LAPACK on the same matrix, bit for bit, so a repeated eigenvalue gets the
+    # same basis graph by graph as in a batch (NumPy's LAPACK gave another one)
     theta, v = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(m + z @ z.T)))
     # _assemble's work by slices: null vectors (unless skipped), non-null pairs, padding
     nulls = 0 if skip else min(c, k)
