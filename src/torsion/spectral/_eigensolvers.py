@@ -173,11 +173,15 @@ class SymmetricProblem:
     # -- products ---------------------------------------------------------------------
 
     def matrix(self, dtype: torch.dtype = torch.float64, shift: float = 0.0) -> Tensor:
-        """``M - shift I`` as a CSR tensor of ``dtype``."""
-        values = self.values
-        if shift != 0.0:
-            values = values.clone()
-            values[self.diag_pos] -= shift
+        """``M - shift I`` as a CSR tensor of ``dtype`` (``M`` itself built once per dtype:
+        a solve asks for it at every Rayleigh-Ritz step)."""
+        if shift == 0.0:
+            cache = self.__dict__.setdefault("_matrix_cache", {})
+            if dtype not in cache:
+                cache[dtype] = csr_tensor(self.crow, self.col, self.values.to(dtype), self.n)
+            return cache[dtype]
+        values = self.values.clone()
+        values[self.diag_pos] -= shift
         return csr_tensor(self.crow, self.col, values.to(dtype), self.n)
 
     def matmul(self, x: Tensor, chunk: int | None = None) -> Tensor:
