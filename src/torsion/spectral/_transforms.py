@@ -183,7 +183,7 @@ def _moment_signs(vectors, graph_sums: Callable, tau: float):
     NumPy array (one graph on the host), ``graph_sums`` sums its rows over each graph."""
     xp = np if isinstance(vectors, np.ndarray) else torch
     square = vectors * vectors
-    power, power_abs = vectors * square, abs(vectors) * square  # v^3, |v|^3; then 5, 7
+    power = vectors * square  # v^3, then v^5 and v^7 in place: few full-size temporaries
     norm = graph_sums(square)
     sign, decided = xp.ones_like(norm), norm == 0
     for p in _MOMENTS:
@@ -192,8 +192,8 @@ def _moment_signs(vectors, graph_sums: Callable, tau: float):
             # them, and their host synchronisation, when every sign is settled
             if bool(decided.all()):
                 break
-            power, power_abs = power * square, power_abs * square
-        moment, scale = graph_sums(power), graph_sums(power_abs)
+            power *= square
+        moment, scale = graph_sums(power), graph_sums(abs(power))
         clear = (abs(moment) > tau * scale) & ~decided
         sign = xp.where(clear, xp.sign(moment), sign)
         decided |= clear
