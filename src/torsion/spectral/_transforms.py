@@ -137,13 +137,15 @@ def canonical_signs(vectors: Tensor, batch: Tensor | None = None, num_graphs: in
         num_graphs: ``B``.
 
     Returns:
-        ``(B, k)`` of ``+1`` / ``-1`` in the dtype of ``vectors``.
+        ``(B, k)`` of ``+1`` / ``-1`` in the dtype of ``vectors``, without gradient (the
+        signs are piecewise constant).
     """
     tau = tie_tolerance(vectors.dtype)
+    vectors = vectors.detach()  # the signs are piecewise constant: no gradient, no graph
     if batch is None and vectors.device.type == "cpu" and vectors.dtype in _NUMPY_DTYPES:
         # one graph on the host (a transform applied graph by graph): the same rule in
         # NumPy, whose small ops cost a fraction of torch's
-        return torch.from_numpy(_one_graph_signs(vectors.detach().numpy(), tau))
+        return torch.from_numpy(_one_graph_signs(vectors.numpy(), tau))
     b, k = num_graphs, vectors.shape[1]
     sign, decided = _moment_signs(vectors, _graph_sums(batch, b, vectors), tau)
     if bool(decided.all()):
