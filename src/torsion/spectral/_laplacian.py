@@ -700,7 +700,8 @@ def _one_dense_graph(
     roots = _host_component_roots(*connecting, n)
     rank = np.cumsum(roots == np.arange(n)) - 1
     labels, c = rank[roots], int(rank[-1]) + 1
-    u = np.ones(n, real) if normalization is None else np.sqrt(np.where(degree > 0, degree, 1))
+    root = np.sqrt(np.where(degree > 0, degree, 1))  # D~^1/2, isolated nodes counting 1
+    u = np.ones(n, real) if normalization is None else root
     mass = np.zeros(n, real)
     np.add.at(mass, roots, u * u)  # index_add_'s order: the batched route's rounding
     null = u / np.sqrt(mass[roots])
@@ -727,7 +728,7 @@ def _one_dense_graph(
     vectors[:, :nulls] = (labels[:, None] == np.arange(nulls)) * null[:, None]
     residual = m @ vectors - vectors * values
     if normalization == "rw":
-        scale = 1.0 / np.sqrt(np.where(degree > 0, degree, 1))[:, None]
+        scale = 1.0 / root[:, None]  # as the batched route: a product with rsqrt
         vectors, residual = vectors * scale, residual * scale
     norms = np.maximum(np.linalg.norm(vectors, axis=0), np.finfo(real).tiny)
     residuals = np.linalg.norm(residual, axis=0) / norms  # padding: 0
@@ -735,7 +736,7 @@ def _one_dense_graph(
         torch.from_numpy(values),
         torch.from_numpy(vectors),
         torch.arange(k) < last,
-        torch.from_numpy(residuals.astype(real)),
+        torch.from_numpy(residuals),
         torch.tensor(c),
     )
 
