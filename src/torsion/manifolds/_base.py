@@ -30,6 +30,9 @@ class FrechetMean(NamedTuple):
     gradient_norm: Tensor
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
 class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
     """Base class of torsion's manifolds: a :class:`geoopt.Manifold` with a Riemannian Hessian.
 
@@ -151,13 +154,54 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
             ambient: arguments that may be any matrix of the ambient space (the input of
                 ``projx``): with ``check`` they only have to be finite.
         """
+        if not self._inputs_fit((ambient, points, vectors)):
+            self._raise_input_error(method, {**(ambient or {}), **points, **(vectors or {})})
+        if not self.check:
+            return
+        where = f"{type(self).__name__}.{method}"
+        for name, value in (ambient or {}).items():
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where}: `{name}` has NaN or infinite entries")
+        for name, value in points.items():
+            ok, reason = self._point_reason(value, name)
+            if not ok:
+                raise ValueError(f"{where} expects {self._point_description} `{name}`: {reason}")
+        x = next(iter(points.values()), None)
+        for name, value in (vectors or {}).items():
+            ok, reason = self._vector_reason(x, value, name)
+            if not ok:
+                raise ValueError(f"{where} expects {self._vector_description} `{name}`: {reason}")
+
+    def _inputs_fit(self, groups: tuple[dict | None, ...]) -> bool:
+        """Whether every argument is a float32 or float64 tensor of one dtype, of a shape
+        the manifold takes and of one matrix shape: the common case, checked without
+        building any message (``_validate`` runs on every map call, inside training
+        loops)."""
+        dtype = matrix_shape = None
+        for group in groups:
+            for value in (group or {}).values():
+                if not isinstance(value, Tensor):
+                    return False
+                shape = value.shape
+                if not self._check_shape(shape, "")[0]:
+                    return False
+                if dtype is None:
+                    dtype, matrix_shape = value.dtype, shape[-2:]
+                    if dtype not in _FLOAT_DTYPES:
+                        return False
+                elif value.dtype != dtype or shape[-2:] != matrix_shape:
+                    return False
+        return True
+
+    def _raise_input_error(self, method: str, arguments: dict) -> None:
+        """Raise the error that names what is wrong with ``arguments`` (types, dtypes, shapes)."""
         where = f"{type(self).__name__}.{method}"
         matrix_shape = None
         first_dtype = None
-        for name, value in {**(ambient or {}), **points, **(vectors or {})}.items():
+        for name, value in arguments.items():
             if not isinstance(value, Tensor):
                 raise TypeError(f"{where} expects `{name}` to be a torch.Tensor")
-            if value.dtype not in (torch.float32, torch.float64):
+            if value.dtype not in _FLOAT_DTYPES:
                 raise TypeError(
                     f"{where} expects `{name}` in float32 or float64, got {value.dtype}"
                 )
@@ -178,20 +222,6 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
                     f"{where}: `{name}` has matrix shape {tuple(value.shape[-2:])} but "
                     f"`{matrix_shape[0]}` has {matrix_shape[1]}"
                 )
-        if not self.check:
-            return
-        for name, value in (ambient or {}).items():
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{where}: `{name}` has NaN or infinite entries")
-        for name, value in points.items():
-            ok, reason = self._point_reason(value, name)
-            if not ok:
-                raise ValueError(f"{where} expects {self._point_description} `{name}`: {reason}")
-        x = next(iter(points.values()), None)
-        for name, value in (vectors or {}).items():
-            ok, reason = self._vector_reason(x, value, name)
-            if not ok:
-                raise ValueError(f"{where} expects {self._vector_description} `{name}`: {reason}")
 
     def _mean_inputs(self, points: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
         """Validate ``frechet_mean`` inputs and return normalized weights."""
