@@ -74,6 +74,10 @@ def _probes(op, seed: int) -> dict:
     return {
         "eigenvalues": eigsh(op, k=2, tol=1e-10, generator=generator()).eigenvalues,
         "trace": trace(op, 12, method="hutchinson", generator=generator()).estimate,
+        # operator algebra keeps the all-reduce (and so the shared random vectors)
+        "trace of a combination": trace(
+            op + 0.5 * op, 12, method="hutchinson", generator=generator()
+        ).estimate,
         "diagonal": diagonal(op, 6, generator=generator()).estimate["2.bias"],
         "density": spectral_density(op, 3, 6, generator=generator())[1],
     }

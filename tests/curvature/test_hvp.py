@@ -136,10 +136,13 @@ def test_tuple_params_and_key_order(problem, generator):
     tup = tuple(params[k] for k in keys)
     vt = [v[k] for k in keys]
     for method in METHODS:
-        out = hvp(g, tup, tuple(vt), method=method)
-        assert isinstance(out, tuple)
-        flat = torch.cat([o.reshape(-1) for o in out])
-        torch.testing.assert_close(flat, dense_h @ LAYOUT.flatten(v), atol=1e-10, rtol=0)
+        for vectors in (tuple(vt), vt):  # a list against tuple params is the same structure
+            out = hvp(g, tup, vectors, method=method)
+            assert isinstance(out, tuple)
+            flat = torch.cat([o.reshape(-1) for o in out])
+            torch.testing.assert_close(flat, dense_h @ LAYOUT.flatten(v), atol=1e-10, rtol=0)
+        empty = hvp(g, tup, [x.new_zeros((0, *x.shape)) for x in vt], method=method, block=True)
+        assert [tuple(o.shape) for o in empty] == [(0, *x.shape) for x in vt]
 
 
 def test_parameter_f_does_not_depend_on(generator):

@@ -67,7 +67,18 @@ def test_algebra_and_dense(generator):
     torch.testing.assert_close((2.5 * A).to_dense(), 2.5 * a)
     torch.testing.assert_close((A * 3).to_dense(), 3 * a)
     torch.testing.assert_close((-A).to_dense(), -a)
+    torch.testing.assert_close((A * torch.tensor(2.0)).to_dense(), 2 * a)
+    torch.testing.assert_close((A / 4).to_dense(), a / 4)
     torch.testing.assert_close(LinearOperator.to_dense(A, chunk_size=2), a)
+    with pytest.raises(ZeroDivisionError, match="by zero"):
+        A / 0
+    with pytest.raises(TypeError):
+        A * torch.ones(2)
+    # a sum or multiple of an operator summed over ranks is summed over ranks too: the
+    # probes must then draw one set of random vectors for all ranks
+    A.distributed = True
+    assert all(op.distributed for op in (A + B, B - A, 2 * A, -A, A / 2))
+    assert not (B + B).distributed
 
 
 def test_to_scipy(generator):

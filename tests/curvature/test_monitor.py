@@ -45,6 +45,21 @@ def test_tracks_the_exact_sharpness_with_few_products_when_warm(generator):
     assert max(history["matvecs"][1:]) <= 10
 
 
+def test_zero_learning_rate_and_one_pass_data(generator):
+    """A warm-up that starts at lr = 0 has no stability threshold (``inf``), and a
+    generator of batches is read once and reused by every check."""
+    model, x, y, exact = _regression(generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = ((x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16))
+    monitor = SharpnessMonitor(model, _mse, batches, optimizer=optimizer, generator=generator)
+    monitor()
+    optimizer.param_groups[0]["lr"] = 0.1
+    monitor()
+    assert monitor.history["threshold"] == [[float("inf")], [2 / 0.1]]
+    for values in monitor.history["eigenvalues"]:
+        assert abs(values[0] - float(exact[-1])) <= 1e-3 * float(exact[-1])
+
+
 def test_leaves_the_model_untouched(generator):
     model, x, y, _ = _regression(generator)
     model.train()

@@ -70,7 +70,20 @@ def _cnn_bn(generator):
     return model, _mse, x, y
 
 
-PROBLEMS = {"mlp_mse": _mlp_mse, "mlp_ce": _mlp_ce, "cnn_bn": _cnn_bn}
+def _tied_mse(generator):
+    """An MLP whose middle layer shares the first layer's weight (``b.weight = a.weight``):
+    one parameter under two names, which ``functional_call`` must receive once."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)
+    ).to(F64)
+    model[2].weight = model[0].weight
+    x = torch.randn(10, 3, dtype=F64, generator=generator)
+    y = torch.randn(10, 2, dtype=F64, generator=generator)
+    return model, _mse, x, y
+
+
+PROBLEMS = {"mlp_mse": _mlp_mse, "mlp_ce": _mlp_ce, "cnn_bn": _cnn_bn, "tied_mse": _tied_mse}
 SPLITS = [(0, 10), (0, 2, 7, 10)]  # one batch; three unequal batches
 
 
@@ -293,6 +306,35 @@ def _loss_of(model, loss_fn, x, y):
         return loss_fn(torch.func.functional_call(ref, {"w": w, "b": b}, (x,)), y)
 
     return loss
+
+
+def test_tied_weight_left_out_of_the_selection_stays_tied(generator):
+    """The tied weight frozen (not selected): both layers keep using the one tensor."""
+    model, loss_fn, x, y = _tied_mse(generator)
+    names = ["0.bias", "2.bias", "4.weight", "4.bias"]
+    for cls in ORACLES:
+        op = cls(model, loss_fn, (x, y), params=names)
+        torch.testing.assert_close(
+            op.to_dense(), ORACLES[cls](model, loss_fn, (x, y), params=names), atol=1e-10, rtol=0
+        )
+
+
+def test_riemannian_gradient_follows_parameter_updates(generator):
+    """Without a cached graph (several batches) the operator reads the parameters at
+    product time: after an in-place step its products equal a fresh operator's, whose
+    ``ehess2rhess`` term needs the gradient at the new point."""
+    model, loss_fn, x, y = _riemannian_problem(generator)
+    data = _batches(x, y, (0, 5, 12))
+    op = HessianOperator(model, loss_fn, data, riemannian=True)
+    v = torch.randn(op.shape[0], 2, dtype=F64, generator=generator)
+    before = op @ v
+    st = model.w.manifold
+    with torch.no_grad():
+        model.w.copy_(st.retr(model.w, st.proju(model.w, 0.3 * torch.randn_like(model.w))))
+    after = op @ v
+    fresh = HessianOperator(model, loss_fn, data, riemannian=True) @ v
+    torch.testing.assert_close(after, fresh, atol=1e-12, rtol=0)
+    assert (after - before).abs().max() > 1e-3  # the step changed the operator
 
 
 def test_riemannian_hessian_matches_ehess2rhess(generator):

@@ -88,9 +88,12 @@ def _check_like(params: Any, v: Any, block: bool, name: str = "v") -> int | None
 
 
 def _align(params: Any, v: Any) -> Any:
-    """``v`` with the key order of ``params`` (torch.func compares dict key order)."""
+    """``v`` with the key order and sequence type of ``params`` (torch.func compares dict
+    key order, and a list against a tuple as different structures)."""
     if isinstance(params, Mapping) and isinstance(v, Mapping):
         return {key: v[key] for key in params}
+    if type(params) in (tuple, list) and isinstance(v, (tuple, list)):
+        return type(params)(v)
     return v
 
 
@@ -175,6 +178,8 @@ class GradientGraph:
         v_leaves, _ = _leaves(_align(self._params, v), "v")
         if not block:
             return self._rebuild(self._product(v_leaves))
+        if k == 0:  # an empty block: empty products
+            return self._rebuild([torch.zeros_like(x) for x in v_leaves])
         columns = [self._product([x[i] for x in v_leaves]) for i in range(k)]
         return self._rebuild([torch.stack(c) for c in zip(*columns, strict=True)])
 
@@ -330,11 +335,14 @@ def hvp_and_method(
     attempt that failed once."""
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {_METHODS}")
-    _check_like(params, v, block)
+    k = _check_like(params, v, block)
     v = _align(params, v)
     auto = method == "auto"
     if auto:
         method = _auto_method(params, block)
+    if k == 0:  # an empty block: empty products (vmap cannot map over zero vectors)
+        leaves, rebuild = _leaves(v, "v")
+        return rebuild([torch.zeros_like(x) for x in leaves]), method
     if method == "double_backward":
         return GradientGraph(f, params).hvp(v, block=block), method
     try:

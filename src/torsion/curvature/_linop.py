@@ -12,6 +12,7 @@ SciPy is imported only inside :meth:`LinearOperator.to_scipy`.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -98,7 +99,7 @@ class LinearOperator(ABC):
     """A square linear operator known through its products with blocks of vectors.
 
     Subclasses implement :meth:`_matmat` on validated flat blocks. Everything else
-    (``matvec``, ``@`` on tensors and pytrees, ``+``, ``-``, scalar ``*``, ``to_dense``,
+    (``matvec``, ``@`` on tensors and pytrees, ``+``, ``-``, scalar ``*`` and ``/``, ``to_dense``,
     ``to_scipy``) is derived from it.
 
     Args:
@@ -215,11 +216,18 @@ class LinearOperator(ABC):
         return _SumOperator(self, other, -1.0)
 
     def __mul__(self, scalar: Any) -> LinearOperator:
-        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
-            return NotImplemented
-        return _ScaledOperator(self, float(scalar))
+        value = _real_scalar(scalar)
+        return NotImplemented if value is None else _ScaledOperator(self, value)
 
     __rmul__ = __mul__
+
+    def __truediv__(self, scalar: Any) -> LinearOperator:
+        value = _real_scalar(scalar)
+        if value is None:
+            return NotImplemented
+        if value == 0:
+            raise ZeroDivisionError("cannot divide a LinearOperator by zero")
+        return _ScaledOperator(self, 1.0 / value)
 
     def __neg__(self) -> LinearOperator:
         return _ScaledOperator(self, -1.0)
@@ -265,6 +273,18 @@ class LinearOperator(ABC):
         )
 
 
+def _real_scalar(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (a Python or NumPy number, or a
+    one-element real tensor, read once here), else ``None``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _check_compatible(a: LinearOperator, b: LinearOperator) -> None:
     if a.shape != b.shape:
         raise ValueError(f"cannot add operators of shapes {a.shape} and {b.shape}")
@@ -279,6 +299,9 @@ class _SumOperator(LinearOperator):
         _check_compatible(a, b)
         super().__init__(a.shape, a.dtype, a.device, symmetric=a.symmetric and b.symmetric)
         self._layout = a._layout if a._layout is not None else b._layout
+        # summed over the ranks if either term is: the probes must then use one set of
+        # random vectors on every rank
+        self.distributed = a.distributed or b.distributed
         self._a, self._b, self._sign = a, b, sign
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -291,6 +314,7 @@ class _ScaledOperator(LinearOperator):
     def __init__(self, a: LinearOperator, scale: float):
         super().__init__(a.shape, a.dtype, a.device, symmetric=a.symmetric)
         self._layout = a._layout
+        self.distributed = a.distributed
         self._a, self._scale = a, scale
 
     def _matmat(self, V: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -12,6 +13,13 @@ from torsion.curvature._operators import HessianOperator
 from torsion.curvature._probes import EigshResult, eigsh
 
 __all__ = ["SharpnessMonitor"]
+
+
+def _stability_threshold(lr: Any) -> float:
+    """``2 / lr``: infinite at ``lr = 0`` (a warm-up's first steps), where no sharpness
+    destabilises gradient descent."""
+    lr = float(lr)
+    return math.inf if lr == 0 else 2.0 / lr
 
 
 class SharpnessMonitor:
@@ -29,7 +37,8 @@ class SharpnessMonitor:
         model: the network; never modified (the operator evaluates it functionally).
         loss_fn: ``loss_fn(outputs, targets)``, a scalar mean loss.
         data: one ``(inputs, targets)`` batch or an iterable of batches (see
-            :class:`HessianOperator`).
+            :class:`HessianOperator`); a one-pass iterator (a generator) is read into a
+            list here, since every check uses the data again.
         every: check every this many calls.
         k: number of top eigenvalues.
         optimizer: optional; its groups' learning rates give the ``2 / lr`` thresholds.
@@ -46,7 +55,7 @@ class SharpnessMonitor:
     Attributes:
         history: a dict of lists, one entry per check: ``"step"``, ``"eigenvalues"``
             (``k`` floats), ``"matvecs"``, ``"converged"`` and ``"threshold"`` (``2 / lr``
-            per optimizer group; empty without an optimizer).
+            per optimizer group, ``inf`` where ``lr = 0``; empty without an optimizer).
     """
 
     def __init__(
@@ -67,6 +76,8 @@ class SharpnessMonitor:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if isinstance(data, Iterator):  # a generator or iterator is read once, here
+            data = list(data)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.k, self.optimizer, self.tol = every, k, optimizer, tol
         self.params, self.riemannian, self.generator = params, riemannian, generator
@@ -96,13 +107,14 @@ class SharpnessMonitor:
         result = eigsh(
             op, k=self.k, which="LA", tol=self.tol, v0=self._last, generator=self.generator
         )
-        self._last = result
         groups = self.optimizer.param_groups if self.optimizer is not None else []
+        thresholds = [_stability_threshold(g["lr"]) for g in groups]
+        self._last = result
         self.history["step"].append(self._calls - 1 if step is None else step)
         self.history["eigenvalues"].append(result.eigenvalues.tolist())
         self.history["matvecs"].append(result.matvecs)
         self.history["converged"].append(bool(result.converged))
-        self.history["threshold"].append([2.0 / float(g["lr"]) for g in groups])
+        self.history["threshold"].append(thresholds)
         return result
 
     def plot(self, ax=None):

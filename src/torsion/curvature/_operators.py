@@ -193,12 +193,13 @@ class _ModelOperator(LinearOperator):
         return x
 
     def _frozen(self) -> dict[str, Tensor]:
-        """Detached unselected parameters and all buffers, read now."""
-        frozen = {
-            n: p.detach()
-            for n, p in self._model.named_parameters(remove_duplicate=False)
-            if n not in self._params
-        }
+        """Detached unselected parameters and all buffers, read now.
+
+        Each tensor appears once, under its first name: ``functional_call`` gives a tied
+        alias (``decoder.weight = encoder.weight``) the value of the name it is tied to,
+        and refuses two values for one tied tensor.
+        """
+        frozen = {n: p.detach() for n, p in self._model.named_parameters() if n not in self._params}
         frozen.update({n: b.detach() for n, b in self._model.named_buffers()})
         return frozen
 
@@ -306,6 +307,7 @@ class HessianOperator(_ModelOperator):
                 self._tangent[name] = manifold
         self._graph: GradientGraph | None = None
         self._egrad: dict[str, Tensor] | None = None
+        self._egrad_versions: tuple[int, ...] = ()
 
     def _euclidean(self, V: Tensor) -> Tensor:
         """Flat Euclidean Hessian products of a flat block ``(n, k)``, summed over the ranks.
@@ -341,7 +343,14 @@ class HessianOperator(_ModelOperator):
         return x if w == 1 else w * x
 
     def _gradient(self) -> dict[str, Tensor]:
+        """The full-data gradient at the current parameter values: recomputed when a
+        parameter was modified in place since the last one (an optimizer step), except on
+        the graph-reuse path, whose graph holds the values it was recorded at."""
+        versions = tuple(p._version for p in self._params.values())
+        if self._graph is None and versions != self._egrad_versions:
+            self._egrad = None
         if self._egrad is None:
+            self._egrad_versions = versions
             with _eval_semantics(self._model):
                 if self._graph is not None:
                     local = self._scaled(self.flatten(self._graph.gradient))

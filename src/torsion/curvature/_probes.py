@@ -82,9 +82,13 @@ class EigshResult(NamedTuple):
 
     ``eigenvalues`` (k,) and ``eigenvectors`` (n, k) come in the *wanted* order: for
     ``"LA"`` the largest first, for ``"SA"`` the smallest first, for ``"LM"`` the largest
-    magnitude first. ``residuals`` (k,) are ``||A y - theta y||`` per pair (from the
-    Krylov-Schur relation; equal to the explicit residual up to rounding): a rigorous
-    bound, some eigenvalue lies within ``residuals[i]`` of ``eigenvalues[i]``.
+    magnitude first. ``residuals`` (k,) are ``||A y - theta y||`` per pair, from the
+    Krylov-Schur relation: some eigenvalue lies within ``residuals[i]`` of
+    ``eigenvalues[i]``. The relation holds to rounding that accumulates over restarts, so
+    near the rounding floor the explicit residual can be larger (measured in float64 on a
+    ``128 x 128`` matrix of norm 10 after 145 products: 2.6e-9 explicit against 3.5e-12
+    reported, while the eigenvalue itself was exact to 1e-14); above ``1e5 * eps * ||A||``
+    they agree.
     ``error_estimates`` (k,) are the eigenvalue error estimates of the stopping rule,
     ``min(||r||, ||r||**2 / gap)`` plus the rounding of the Rayleigh-Ritz values (see
     :func:`eigsh` for when the Kato-Temple part is a bound). ``matvecs`` is the number of
@@ -528,7 +532,7 @@ def eigsh(
     a cluster narrower than the Krylov space has resolved: a single vector
     (``block_size=1``) aimed at an eigenvalue ``1e-4`` from the next one can stop, at
     ``tol=1e-6``, on a Ritz value between them, with an error up to the cluster's width
-    (which the rigorous ``residuals`` still bound). Use a block at least
+    (which the ``residuals`` still bound). Use a block at least
     as wide as the cluster, or ``criterion="residual"``, when ``tol`` is below the
     relative spacing of the wanted eigenvalues. In any case, like every Krylov method,
     a Ritz value the start vector hardly sees can be taken for the top one.
@@ -697,12 +701,12 @@ def _thick_restart_lanczos(
         bounds = res_k = torch.zeros_like(res_k)
     bounds = bounds + space.size * eps * anorm  # rounding of the Rayleigh-Ritz values
     if stop == 1:
+        advice = "a larger tol" if dtype == torch.float64 else "a float64 operator or a larger tol"
         warnings.warn(
             f"eigsh: the residuals reached the rounding floor of the {dtype} products "
             f"(||r|| <= {float(noise * anorm):.1e}) before tol={tol} could be certified; "
             f"the eigenvalues are returned with error estimates up to {float(bounds.max()):.1e} "
-            "(EigshResult.error_estimates; residuals: rigorous bounds). Use a float64 "
-            "operator or a larger tol.",
+            f"(EigshResult.error_estimates). Use {advice}.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -843,9 +847,14 @@ def _trace_auto(op: Any, n: int, m: int, generator, rtol=None) -> TraceEstimate:
     bounds the Rademacher variance, so the rule is conservative towards Hutchinson). The
     smaller prediction wins. Budgets below 12 products always use Hutchinson.
 
-    The Hutch++ branch stays exactly unbiased (its estimate is unbiased given any sketch);
-    the Hutchinson branch reuses the pilot samples, a selection effect that is negligible
-    whenever the choice is clear-cut.
+    The Hutch++ branch stays exactly unbiased (its estimate is unbiased given any sketch).
+    The Hutchinson branch reuses the pilot samples, so the choice and the estimate share
+    them: a selection effect, negligible when the choice is clear-cut (on network
+    Hessians ``auto`` picked Hutchinson in every run) but not when the two predictions are
+    close. Measured on a 20 x 20 matrix with eigenvalues 30, 10 and -8 among small ones,
+    where each branch was taken about half the time: at 12 products the mean estimate was
+    3.7 % low, about 0.2 of its standard error. Pick ``"hutchinson"`` or ``"hutchpp"``
+    explicitly where that matters; discarding the pilot would cost a third of the budget.
     """
     if m < 12:
         return _trace_hutchinson(op, n, m, generator, rtol)
