@@ -265,8 +265,14 @@ def test_radial_basis_is_the_bessel_basis_times_the_envelope():
     # r = 0 is the finite limit sqrt(2 / rc) n pi / rc, with finite derivatives
     zero = torch.zeros(1, dtype=F64, requires_grad=True)
     torch.testing.assert_close(basis(zero)[0], math.sqrt(2 / cutoff) * n * math.pi / cutoff)
-    (grad,) = torch.autograd.grad(basis(zero).sum(), zero)
+    (grad,) = torch.autograd.grad(basis(zero).sum(), zero, create_graph=True)
     assert torch.isfinite(grad).all()
+    # the second derivative too (torch.sinc's is NaN at 0): it matches the one beside 0
+    (second,) = torch.autograd.grad(grad.sum(), zero)
+    near = torch.full((1,), 1e-6, dtype=F64, requires_grad=True)
+    (near_grad,) = torch.autograd.grad(basis(near).sum(), near, create_graph=True)
+    (near_second,) = torch.autograd.grad(near_grad.sum(), near)
+    torch.testing.assert_close(second, near_second, rtol=1e-6, atol=0)
 
 
 def test_radial_basis_vanishes_smoothly_at_the_cutoff():

@@ -242,6 +242,8 @@ class TestBadInput:
     def test_exponent_must_be_a_number(self):
         with pytest.raises(TypeError, match="Python number"):
             sym_powm(torch.eye(2), torch.tensor(2.0))
+        with pytest.raises(ValueError, match="finite exponent, got nan"):
+            sym_powm(torch.eye(2), float("nan"))
 
 
 def test_compiles_without_graph_breaks(generator):

@@ -363,6 +363,11 @@ def test_means_of_commuting_matrices_have_closed_forms(generator):
         result = cls().frechet_mean(points, weights)
         torch.testing.assert_close(result.mean, expected, rtol=1e-9, atol=1e-9)
         assert result.converged.all() and result.mean.shape == (2, 3, 3)
+        # weights per batch element broadcast; a batch the points lack is named
+        batched = cls().frechet_mean(points, weights.expand(2, 4))
+        torch.testing.assert_close(batched.mean, expected, rtol=1e-9, atol=1e-9)
+        with pytest.raises(ValueError, match=r"weights of shape \(3, 4\) do not broadcast"):
+            cls().frechet_mean(points, weights.expand(3, 4))
 
 
 def test_affine_invariant_mean_of_two_points_is_the_geodesic_midpoint(generator):
@@ -520,7 +525,9 @@ def test_shapes_are_always_checked(cls):
 def test_unchecked_non_spd_input_gives_finite_values_not_nan(cls, dtype, generator):
     manifold = cls()
     x = _spd(3, generator=generator, dtype=dtype)
-    bad = torch.stack([NOT_POSITIVE, -NOT_POSITIVE, torch.zeros(3, 3, dtype=F64)]).to(dtype)
+    negative = -torch.eye(3, dtype=F64)  # all eigenvalues negative (Bures-Wasserstein's root)
+    bad = torch.stack([NOT_POSITIVE, -NOT_POSITIVE, torch.zeros(3, 3, dtype=F64), negative])
+    bad = bad.to(dtype)
     for value in (
         manifold.logmap(x, bad),
         manifold.logmap(bad, x),

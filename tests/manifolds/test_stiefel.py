@@ -381,3 +381,24 @@ def test_check_weight_manifold_is_the_one_layer_option_validator():
     for bad in ("Stiefel", "grassmann", "", 1, Stiefel()):
         with pytest.raises(ValueError, match=r"^Layer: weight_manifold must be None or 'stiefel'"):
             check_weight_manifold(bad, "Layer")
+
+
+@pytest.mark.parametrize("cls", [Stiefel, Grassmann])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_projx_of_a_rank_deficient_matrix_is_a_point(cls, dtype):
+    """A zero or rank-deficient matrix has no unique closest point; ``projx`` still returns
+    an orthonormal frame (the polar factor alone maps the null directions to zero), and on
+    a full-rank matrix it is the polar factor ``U V^T`` of the SVD."""
+    column = torch.tensor([[1.0], [2.0], [0.0], [-1.0], [3.0]], dtype=torch.float64)
+    cases = [
+        torch.zeros(5, 2, dtype=torch.float64),
+        column.expand(5, 3),  # three equal columns
+        torch.cat([column, torch.zeros(5, 1, dtype=torch.float64)], dim=1),
+    ]
+    manifold = cls()
+    for x in cases:
+        y = manifold.projx(x.to(dtype))
+        assert manifold.check_point_on_manifold(y), x
+    full = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u, _, vh = torch.linalg.svd(full, full_matrices=False)
+    torch.testing.assert_close(manifold.projx(full), u @ vh, rtol=0, atol=1e-12)

@@ -297,6 +297,7 @@ def test_the_message_names_the_group_of_an_added_parameter():
         ({"lr": 0.1, "momentum": -0.5}, "Invalid momentum value"),
         ({"lr": 0.1, "nesterov": True}, "Nesterov momentum requires"),
         ({"lr": 0.1, "stabilize": -2}, "Invalid stabilize value"),
+        ({"lr": 0.1, "lambda_regul": float("nan")}, "Invalid lambda_regul value: nan"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error(options, message):

@@ -861,6 +861,11 @@ def test_cpu_batches_are_cut_to_the_cache_size():
         (lambda p: RiemannianAdam(p, weight_decay=-0.1), "Invalid weight_decay value"),
         (lambda p: RiemannianAdam(p, stabilize=2.5), "Invalid stabilize value"),
         (lambda p: RiemannianAdam([{"params": p, "lr": -3.0}]), "Invalid learning rate: -3.0"),
+        # torch.optim accepts NaN and infinity, which make every parameter NaN
+        (lambda p: RiemannianSGD(p, lr=math.nan), "Invalid lr value: nan"),
+        (lambda p: RiemannianSGD(p, lr=0.1, weight_decay=math.inf), "weight_decay value: inf"),
+        (lambda p: RiemannianAdam(p, eps=math.nan), "Invalid eps value: nan"),
+        (lambda p: RiemannianAdam(p, betas=(math.nan, 0.9)), "betas\\[0\\] value: nan"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error(make, message):

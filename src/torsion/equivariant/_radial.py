@@ -14,6 +14,28 @@ __all__ = ["RadialBasis", "SphericalHarmonics", "polynomial_cutoff"]
 _SH_NORMALIZATIONS = ("component", "norm", "integral")
 
 
+#: ``(-1)^k / (2k + 1)!``: the Taylor coefficients of ``sin(x) / x`` in ``x^2``, to ``x^12``
+#: (the first term left out, ``x^14 / 15!``, is below float64's rounding for ``|x| < 1/2``).
+_SINC_TAYLOR = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(7))
+
+
+def _sin_over_x(x: Tensor) -> Tensor:
+    """``sin(x) / x`` with finite derivatives of every order at ``x = 0``.
+
+    ``torch.sinc``'s second derivative is NaN at 0 (its backward divides by ``x`` behind
+    a ``where``). Below ``|x| = 1/2`` the Taylor series is used, a polynomial in ``x^2``;
+    above, ``sin(x) / x`` of a denominator that the ``where`` keeps away from zero, whose
+    derivatives lose no more than a few ulps to cancellation there.
+    """
+    small = x.abs() < 0.5
+    x2 = x * x
+    series = torch.full_like(x, _SINC_TAYLOR[-1])
+    for c in reversed(_SINC_TAYLOR[:-1]):
+        series = series * x2 + c
+    safe = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, series, torch.sin(safe) / safe)
+
+
 def polynomial_cutoff(r: Tensor, cutoff: float, p: int = 6) -> Tensor:
     """The smooth polynomial envelope of DimeNet (Gasteiger et al. 2020, eq. 8).
 
@@ -50,9 +72,9 @@ class RadialBasis(nn.Module):
     ``e_n(r) = sqrt(2 / r_c) sin(f_n r / r_c) / r * u(r)``, ``n = 1..num_basis``, with
     frequencies ``f_n = n pi`` (the zeros of the spherical Bessel function ``j_0`` at the
     cutoff; learnable with ``trainable=True``) and the envelope ``u`` of
-    :func:`polynomial_cutoff`. ``sin(x) / r`` is evaluated through ``torch.sinc``, so ``r = 0``
-    gives the finite limit ``sqrt(2 / r_c) f_n / r_c`` and finite derivatives. Every basis
-    function and its first two derivatives go to zero at ``r_c``.
+    :func:`polynomial_cutoff`. ``sin(x) / r`` is evaluated through a Taylor series near 0,
+    so ``r = 0`` gives the finite limit ``sqrt(2 / r_c) f_n / r_c`` and finite derivatives.
+    Every basis function and its first two derivatives go to zero at ``r_c``.
 
     Args:
         num_basis: number of basis functions (default 8).
@@ -114,12 +136,9 @@ class RadialBasis(nn.Module):
             raise TypeError(f"RadialBasis: r must be a floating tensor, got {type(r).__name__}")
         r = r.unsqueeze(-1)
         f = self.frequencies.to(r.dtype)
-        # sin(f r / rc) / r = (f / rc) sinc(f r / (pi rc)), finite at r = 0.
-        bessel = (
-            math.sqrt(2.0 / self.cutoff)
-            * (f / self.cutoff)
-            * torch.sinc(f * r / (math.pi * self.cutoff))
-        )
+        # sin(f r / rc) / r = (f / rc) sin(x) / x with x = f r / rc: finite at r = 0, and
+        # so are its derivatives of every order
+        bessel = math.sqrt(2.0 / self.cutoff) * (f / self.cutoff) * _sin_over_x(f * r / self.cutoff)
         return bessel * polynomial_cutoff(r, self.cutoff, self.p)
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ eigenvalues repeat. The second derivative is assembled from batched matrix produ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -574,6 +575,8 @@ def sym_powm(x: Tensor, p: float, *, check: bool = False) -> Tensor:
     """
     if isinstance(p, Tensor) or not isinstance(p, (int, float)):
         raise TypeError(f"sym_powm expects a Python number as exponent, got {type(p).__name__}")
+    if not math.isfinite(p):
+        raise ValueError(f"sym_powm expects a finite exponent, got {p}")
     return _apply(x, _power(float(p)), "sym_powm", check, True)
 
 

@@ -33,6 +33,14 @@ class FrechetMean(NamedTuple):
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (and no larger)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
     """Base class of torsion's manifolds: a :class:`geoopt.Manifold` with a Riemannian Hessian.
 
@@ -239,6 +247,11 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
         else:
             if weights.shape[-1] != count:
                 raise ValueError(f"frechet_mean got {weights.shape[-1]} weights for {count} points")
+            if not _broadcasts_to(weights.shape[:-1], batch):
+                raise ValueError(
+                    f"frechet_mean: weights of shape {tuple(weights.shape)} do not broadcast "
+                    f"to the points' batch shape {tuple(batch)} (points {tuple(points.shape)})"
+                )
             weights = weights.to(points.dtype)
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
                 raise ValueError("frechet_mean needs finite, non-negative weights")

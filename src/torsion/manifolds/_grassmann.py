@@ -30,6 +30,7 @@ from torsion.manifolds._stiefel import (
     _eye,
     _geodesic_frame,
     _haar_frames,
+    _orthonormal_polar,
     _OrthonormalFrames,
     _size,
 )
@@ -255,9 +256,10 @@ class Grassmann(_OrthonormalFrames):
         return u - x @ (x.mT @ u)
 
     def projx(self, x: Tensor) -> Tensor:
-        """Closest orthonormal representative: the polar factor ``x (x^T x)^(-1/2)``."""
+        """Closest orthonormal representative: the polar factor ``x (x^T x)^(-1/2)``; for a
+        rank-deficient ``x`` an orthonormal completion, as :meth:`Stiefel.projx`."""
         self._validate("projx", {}, ambient={"x": x})
-        return polar(x)
+        return _orthonormal_polar(x)
 
     # -- retraction, exponential, logarithm, distance ---------------------------------------
 

@@ -129,9 +129,14 @@ def _second_order_polynomial(w: Tensor) -> Tensor:
 
 
 def _sqrt_pair(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x^(1/2), x^(-1/2))`` from one eigendecomposition: ``x^(1/2) = x x^(-1/2)``."""
+    """``(x^(1/2), x^(-1/2))`` from one eigendecomposition: ``x^(1/2)`` is the inverse of
+    ``x^(-1/2)`` (an LU solve, cheaper than a second ``eigh``). Not ``x x^(-1/2)``: where
+    ``x`` is not SPD (checking off), ``x^(-1/2)`` is taken of the eigenvalues clamped to a
+    positive floor, and ``x x^(-1/2)`` would turn a negative eigenvalue ``l`` into
+    ``l / sqrt(floor)`` (1e153 for ``-I`` in float64, and an infinite distance) instead of
+    the clamped root."""
     inverse = sym_invsqrtm(x)
-    return sym(x @ inverse), inverse
+    return sym(torch.linalg.inv(inverse)), inverse
 
 
 def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:

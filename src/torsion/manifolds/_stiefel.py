@@ -119,6 +119,20 @@ def _cholesky_qf(a: Tensor) -> Tensor:
     return a @ torch.linalg.solve_triangular(factor, eye, upper=False).mT
 
 
+def _orthonormal_polar(a: Tensor) -> Tensor:
+    """``polar(a)`` passed through the sign-fixed QR, so that it is orthonormal for every
+    ``a`` (``projx``).
+
+    For ``a`` of full column rank the polar factor is orthonormal and the QR leaves it
+    unchanged (``R = I`` to rounding). For a rank-deficient ``a`` (a zero initialisation,
+    repeated columns) the closest orthonormal matrix is not unique and ``a (a^T a)^(-1/2)``
+    maps the null directions to zero; the QR then completes the frame, which gives a point
+    of the manifold (not necessarily a closest one) instead of a matrix off it. No rank
+    test, so no host synchronisation.
+    """
+    return qr_unique(polar(a))[0]
+
+
 def _reads_freely(t: Tensor) -> bool:
     """Whether a value computed from ``t`` can steer Python control flow at no cost: a
     non-empty CPU tensor (no device to wait for) outside ``torch.compile`` tracing."""
@@ -644,7 +658,8 @@ class Stiefel(_OrthonormalFrames):
     * ``inner``: ``tr(U^T V)`` (Euclidean) or ``tr(U^T (I - X X^T / 2) V)`` (canonical);
     * ``proju(X, U) = U - X sym(X^T U)`` (orthogonal projection, both metrics);
     * ``egrad2rgrad(X, G)``: ``proju(X, G)`` (Euclidean) or ``G - X G^T X`` (canonical);
-    * ``projx(X)``: the orthogonal polar factor ``X (X^T X)^(-1/2)``, the closest point;
+    * ``projx(X)``: the orthogonal polar factor ``X (X^T X)^(-1/2)``, the closest point
+      (completed to an orthonormal frame when ``X`` is rank-deficient);
     * ``retr``: ``qr`` (``qf(X + U)``, sign-fixed), ``polar`` (``polar(X + U)``),
       ``cayley`` (Wen & Yin 2013, a ``2p x 2p`` solve) or ``exp`` (the exponential map);
     * ``expmap``: the geodesic of the chosen metric through a ``2p x 2p`` matrix
@@ -768,9 +783,11 @@ class Stiefel(_OrthonormalFrames):
         return u - x @ sym(x.mT @ u)
 
     def projx(self, x: Tensor) -> Tensor:
-        """Closest point: the orthogonal polar factor ``x (x^T x)^(-1/2)``."""
+        """Closest point: the orthogonal polar factor ``x (x^T x)^(-1/2)``; for a
+        rank-deficient ``x``, where it is not unique, an orthonormal completion
+        (:func:`_orthonormal_polar`)."""
         self._validate("projx", {}, ambient={"x": x})
-        return polar(x)
+        return _orthonormal_polar(x)
 
     # -- retraction, exponential, logarithm -----------------------------------------------
 

@@ -58,6 +58,8 @@ __all__ = ["RiemannianAdam", "RiemannianSGD"]
 def _check_number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value):  # torch.optim accepts NaN, which makes every parameter NaN
+        raise ValueError(f"Invalid {name} value: {value} (must be finite)")
     return float(value)
 
 

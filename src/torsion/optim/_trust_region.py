@@ -151,10 +151,14 @@ def trust_region(
         raise ValueError(
             f"trust region needs 0 < radius_init <= radius_max, got {radius_init}, {radius_max}"
         )
-    if not (0 < kappa < 1 and theta > 0 and 0 <= rho_prime < 0.25):
+    if not (0 < kappa < 1 and 0 < theta < math.inf and 0 <= rho_prime < 0.25):
         raise ValueError(
             f"trust region needs 0 < kappa < 1, theta > 0 and 0 <= rho_prime < 1/4; got "
             f"kappa={kappa}, theta={theta}, rho_prime={rho_prime}"
+        )
+    if not 0 <= rho_regularization < math.inf:
+        raise ValueError(
+            f"trust region needs a finite rho_regularization >= 0, got {rho_regularization}"
         )
     return _trust_region_iterates(
         objective,

@@ -609,6 +609,26 @@ def _from_numpy(problem: SymmetricProblem, values, vectors, iterations: int) -> 
     return SolverResult(theta, x, None, iterations)
 
 
+def _unconverged_pairs(
+    name: str,
+    problem: SymmetricProblem,
+    nev: int,
+    converged,
+    iterations: int,
+    tol: float,
+    generator: torch.Generator | None,
+) -> SolverResult:
+    """``nev`` pairs after ARPACK stopped at ``max_iter``: it hands back only the pairs that
+    converged (possibly none), so the block of those vectors, completed by random ones, is
+    rotated by Rayleigh-Ritz; warns with the largest residual of the result."""
+    initial = torch.from_numpy(converged) if converged.shape[1] else None
+    x = _start_block(problem, nev, generator, initial)
+    theta, x, mx = _rayleigh_ritz(x, problem.matmul(x))
+    residuals = _column_norms(mx - x * theta)
+    _not_converged(name, iterations, float(residuals.max()), tol * problem.bound)
+    return SolverResult(theta, x, residuals, iterations)
+
+
 def arpack_eigs(
     problem: SymmetricProblem,
     nev: int,
@@ -644,8 +664,9 @@ def arpack_eigs(
                 op, k=nev, which="LA", v0=v0, ncv=_ncv(problem, nev), tol=tol, maxiter=max_iter
             )
     except ArpackNoConvergence as err:
-        values, vectors = err.eigenvalues, err.eigenvectors
-        _not_converged("arpack", count[0], math.inf, tol * bound)
+        return _unconverged_pairs(
+            "arpack", problem, nev, err.eigenvectors, count[0], tol, generator
+        )
     return _from_numpy(problem, bound - values, vectors, count[0])
 
 
@@ -699,8 +720,9 @@ def shift_invert_eigs(
                 maxiter=max_iter,
             )
         except ArpackNoConvergence as err:
-            values, vectors = err.eigenvalues, err.eigenvectors
-            _not_converged("shift_invert", count[0], math.inf, tol * problem.bound)
+            return _unconverged_pairs(
+                "shift_invert", problem, nev, err.eigenvectors, count[0], tol, generator
+            )
     return _from_numpy(problem, values, vectors, count[0])
 
 

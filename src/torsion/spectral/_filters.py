@@ -907,6 +907,15 @@ def _column_dot(a: Tensor, b: Tensor, batch: Tensor | None) -> Tensor:
     return torch.zeros_like(a).index_add(0, batch, a * b)[batch]
 
 
+def _largest_entry(a: Tensor, batch: Tensor | None) -> Tensor:
+    """``max |a|`` over all channels: ``(1,)``, or with ``batch`` per graph, ``(N, 1)``
+    laid out as :func:`_column_dot` (no host synchronisation)."""
+    rows = a.abs().amax(dim=1, keepdim=True) if a.shape[1] > 0 else a.new_zeros(a.shape[0], 1)
+    if batch is None:
+        return rows.amax(dim=0) if a.shape[0] > 0 else a.new_zeros(1)
+    return torch.zeros_like(rows).scatter_reduce(0, batch[:, None], rows, "amax")[batch]
+
+
 def _normalize_columns(w: Tensor, batch: Tensor | None) -> Tensor:
     """Columns of ``w`` (per graph with ``batch``) scaled to unit norm; those below
     ``sqrt(eps)`` become zero.
@@ -923,7 +932,11 @@ def _normalize_columns(w: Tensor, batch: Tensor | None) -> Tensor:
 def _lanczos_filter(apply, x: Tensor, weight: Tensor, K: int, batch: Tensor | None) -> Tensor:
     """OptBasisGNN: ``sum_k weight[k] * v_k`` over per-channel Lanczos vectors of ``x``
     (of each graph's part of ``x`` with ``batch``)."""
-    cur = _normalize_columns(x, batch)
+    # The first vector is ``x`` itself, of any scale: rescaled by its largest entry (per
+    # graph) first, so that the threshold drops only the channels that are rounding noise
+    # next to the others (the later vectors have norm ~1 already).
+    scale = _largest_entry(x, batch)
+    cur = _normalize_columns(x / torch.where(scale > 0, scale, 1.0), batch)
     out = weight[0] * cur
     prev = None
     for k in range(1, K + 1):

@@ -185,14 +185,18 @@ def _prepare(
 
 
 def _check_undirected(graph: _Graph, name: str) -> None:
-    """Raise unless every edge has its reverse with the same weight."""
-    n, row, col = graph.num_nodes, graph.row, graph.col
+    """Raise unless every edge of nonzero weight has its reverse with the same weight (an
+    edge of weight 0 connects nothing, as on the single-graph route's dense matrix)."""
+    n, row, col, weight = graph.num_nodes, graph.row, graph.col, graph.weight
+    present = weight != 0
+    if not bool(present.all()):
+        row, col, weight = row[present], col[present], weight[present]
     if row.numel() == 0:
         return
     # coalesced edges are sorted by (row, col); the reversed edges must sort the same way
     perm = torch.argsort(col * n + row)
     same = bool(torch.equal(row[perm], col)) and bool(torch.equal(col[perm], row))
-    if not (same and _same_weights(graph.weight[perm], graph.weight)):
+    if not (same and _same_weights(weight[perm], weight)):
         raise _not_undirected(name)
 
 
@@ -924,6 +928,9 @@ def _sparse_eigs(
         remap = torch.full((n,), -1, dtype=torch.long, device=device)
         remap[kept] = torch.arange(kept.numel(), device=device)
         row, col = remap[row], remap[col]
+        # a node of degree 0 can still have edges, of weight 0: they go with it
+        inside = (row >= 0) & (col >= 0)
+        row, col, w = row[inside], col[inside], w[inside]
     sub_degree = degree[kept]
     sub_labels = torch.unique(labels[kept], return_inverse=True)[1]
     sub_c = int(sub_labels.max()) + 1 if kept.numel() > 0 else 0
