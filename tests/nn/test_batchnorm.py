@@ -114,8 +114,31 @@ def test_state_dict_round_trip_keeps_running_statistics(generator):
     torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))
 
 
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_compiled_training_updates_the_running_statistics_in_float64(metric, generator):
+    """torch.compile drops in-place updates of a 0-dim float64 buffer (torch 2.13): the
+    compiled layer kept ``running_var = 1`` and evaluated with it."""
+    eager = SPDBatchNorm(3, metric, momentum=0.3, dtype=F64)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        x = random_spd(8, n=3, generator=generator)
+        torch.testing.assert_close(compiled(x), eager(x))
+    assert eager.running_var != 1.0 and eager.running_var.shape == ()
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var, rtol=1e-12, atol=0)
+    torch.testing.assert_close(compiled_layer.running_mean, eager.running_mean)
+    eager.eval(), compiled_layer.eval()
+    x = random_spd(4, n=3, generator=generator)
+    torch.testing.assert_close(compiled(x), eager(x))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="metric"):
         SPDBatchNorm(3, "euclidean")
+    layer = SPDBatchNorm(3, "lem")  # float32 statistics; a float64 batch changes nothing
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(TypeError, match="float32 statistics but got torch.float64 input"):
+        layer(random_spd(4, n=3, generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\)"):
         SPDBatchNorm(3)(torch.eye(4).expand(2, 4, 4))

@@ -77,6 +77,16 @@ def test_step_zero_keeps_the_root_and_gradients_reach_every_parameter(generator)
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_float32_edge_weights_with_float64_features(generator):
+    """PyG's edge attributes are float32 by default: a float64 layer computes in float64
+    (the unreached node's clamp to float64's tiny became 0 in float32, then 0 / 0)."""
+    conv = SPDConv(5, 3, dtype=F64)
+    x, edge_index, weight = _graph(generator)
+    out = conv(x, edge_index, weight.float())
+    assert out.dtype == F64
+    torch.testing.assert_close(out, conv(x, edge_index, weight.float().double()))
+
+
 def test_empty_graph_and_bad_input(generator):
     conv = SPDConv(5, 3, dtype=F64)
     empty = conv(torch.empty(0, 5, 5, dtype=F64), torch.empty(2, 0, dtype=torch.long))

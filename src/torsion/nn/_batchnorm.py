@@ -111,6 +111,17 @@ def _airm_geodesic(x: Tensor, y: Tensor, t: float) -> Tensor:
 # ----------------------------------------------------------------------------- layer
 
 
+def _update_running_var(running_var: Tensor, var: Tensor, momentum: float) -> None:
+    """``running_var.lerp_(var, momentum)`` through a one-element view.
+
+    Under ``torch.compile`` (torch 2.13) an in-place update of a 0-dim float64 buffer is
+    silently dropped (``lerp_``, ``add_``, ``copy_`` alike; float32 and shaped buffers are
+    fine), so a compiled float64 model never updated its running variance and evaluated
+    with the initial 1. The update through ``view(1)`` is kept.
+    """
+    running_var.view(1).lerp_(var.view(1), momentum)
+
+
 class SPDBatchNorm(nn.Module):
     """Riemannian batch normalization of ``n x n`` SPD matrices.
 
@@ -195,6 +206,11 @@ class SPDBatchNorm(nn.Module):
             raise ValueError(
                 f"SPDBatchNorm({self.n}) expects a batch (..., {self.n}, {self.n}), got {got}"
             )
+        if x.dtype != self.running_mean.dtype:  # before any statistic is touched
+            raise TypeError(
+                f"SPDBatchNorm({self.n}) has {self.running_mean.dtype} statistics but got "
+                f"{x.dtype} input (convert the layer with .to({x.dtype}) or the input)"
+            )
         if self.training and x.numel() == 0 and not self._synced():
             raise ValueError(
                 f"SPDBatchNorm({self.n}) needs at least one matrix in training mode to "
@@ -228,7 +244,7 @@ class SPDBatchNorm(nn.Module):
                 running = chart(self.running_mean)
                 m = self.momentum
                 self.running_mean.copy_(inverse((1 - m) * running + m * mean.detach()))
-                self.running_var.lerp_(var.detach(), m)
+                _update_running_var(self.running_var, var.detach(), m)
         else:
             mean, var = chart(self.running_mean), self.running_var
         factor = self.scale / torch.sqrt(var + self.eps)
@@ -247,7 +263,7 @@ class SPDBatchNorm(nn.Module):
             with torch.no_grad():
                 m = self.momentum
                 self.running_mean.copy_(_airm_geodesic(self.running_mean, mean.detach(), m))
-                self.running_var.lerp_(var.detach(), m)
+                _update_running_var(self.running_var, var.detach(), m)
         else:
             var = self.running_var
         factor = self.scale / torch.sqrt(var + self.eps)

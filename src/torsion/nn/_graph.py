@@ -102,6 +102,10 @@ class SPDConv(MessagePassing):
                 f"SPDConv: edge_weight must have shape ({edge_index.shape[1]},), "
                 f"got {tuple(edge_weight.shape)}"
             )
+        else:
+            # PyG's edge_attr is float32 by default: in the features' dtype, a float64
+            # layer's weighted sums (and their clamp to the dtype's tiny) stay float64
+            edge_weight = edge_weight.to(x.dtype)
         root = self.root_map(x)
         try:
             mean_log, reached = self.propagate(edge_index, x=x, edge_weight=edge_weight)

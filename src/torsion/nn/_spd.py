@@ -254,5 +254,7 @@ class SPDVectorize(nn.Module):
         _check_square(x, None, "SPDVectorize")
         n = x.shape[-1]
         rows, cols = torch.triu_indices(n, n, device=x.device)
-        weight = torch.where(rows == cols, 1.0, math.sqrt(2.0)).to(x.dtype)
+        # sqrt(2) set in x's dtype (a float32 constant would round it for float64 input)
+        weight = torch.ones(rows.shape, dtype=x.dtype, device=x.device)
+        weight.masked_fill_(rows != cols, math.sqrt(2.0))
         return x[..., rows, cols] * weight
