@@ -137,7 +137,7 @@ def test_bad_input():
         SPDBatchNorm(3, "euclidean")
     layer = SPDBatchNorm(3, "lem")  # float32 statistics; a float64 batch changes nothing
     before = copy.deepcopy(layer.state_dict())
-    with pytest.raises(TypeError, match="float32 statistics but got torch.float64 input"):
+    with pytest.raises(TypeError, match=r"float32 statistics but got torch\.float64 input"):
         layer(random_spd(4, n=3, generator=torch.Generator().manual_seed(0)))
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\)"):
