@@ -179,6 +179,20 @@ def test_conv_shared_weights_and_unweighted_paths(generator):
     _check_conv(_small(weighted=False), generator, F64, "scatter", 5, 12)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS[1:])
+def test_second_derivatives_through_the_weights_with_unweighted_paths(generator, reduction):
+    """Weighted and unweighted paths in one descriptor: the form is affine in the
+    weights, so derivatives through the weight slot must drop the unweighted paths (they
+    kept their implicit weight 1: errors of 5 on values of 16)."""
+    with _default_float64():
+        d = TPDescriptor.from_instructions(
+            "2x0e+2x1o", "0e+1o+2e", "2x0e+2x1o",
+            [(0, 0, 0, "uvu", True), (1, 1, 0, "uvu", False), (0, 1, 1, "uvu", True),
+             (1, 0, 1, "uvu", True), (1, 2, 1, "uvu", False)],
+        )  # fmt: skip
+    _check_conv(d, generator, F64, reduction, 4, 9, double_backward=True)
+
+
 def test_conv_int32_indices_and_no_receivers(generator):
     d = _small()
     x, a, w = _inputs(d, generator, 4, 6, F64)
@@ -196,7 +210,9 @@ def test_strided_inputs_and_gradients_to_second_order(reduction, generator):
     strided output gradient; forward, first and second derivatives equal the reference."""
     d, num_nodes, num_edges = _l2("mul_ir"), 7, 20
     x, a, w = (t.detach() for t in _inputs(d, generator, num_nodes, num_edges, F64))
-    src, dst = _graph(generator, num_nodes, num_edges)
+    # the rows of an edge_index built from (sender, receiver) pairs have stride 2
+    src, dst = torch.stack(_graph(generator, num_nodes, num_edges), dim=1).T
+    assert src.stride() == (2,)
     wide = torch.randn(num_nodes, x.shape[1] + 5, generator=generator, dtype=F64)
     wide[:, 2 : 2 + x.shape[1]] = x
     strided = [
@@ -512,6 +528,12 @@ def test_backend_reduction_swaps_and_runs_through_conv(generator):
             F64,
         )
         uvw = TPDescriptor.fully_connected("2x0e", "0e", "2x0e")
+        # the backend checks the indices (its kernels do not bound-check)
+        with pytest.raises(ValueError, match="edge_dst holds indices"):
+            kernels.conv(d, x, a, w, src, dst + 4, 4, backend="triton")
+        unchecked = register_triton_backend("scatter", check_indices=False)
+        assert unchecked is not backend and not unchecked.check_indices
+        assert "check_indices=False" in repr(unchecked)
         with pytest.raises(UnsupportedBackendError, match="uvu"):
             kernels.resolve(uvw, "cpu", F64, "conv", "triton")
         with pytest.MonkeyPatch.context() as patch:

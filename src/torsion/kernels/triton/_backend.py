@@ -35,6 +35,12 @@ class TritonBackend(Backend):
     Args:
         reduction: the scatter-sum of :meth:`conv`, ``"auto"`` (default, ``"sorted"``),
             ``"sorted"`` or ``"scatter"`` (see :func:`triton_conv`).
+        check_indices: check the edge indices of every :meth:`conv` against their ranges
+            (default ``True``: one host synchronisation a call, skipped under
+            ``torch.compile``). The kernels do not bound-check their loads and stores, so
+            an index out of range would read and write out of bounds; the other backends
+            raise on it at no cost. ``False`` saves the synchronisation for graphs known
+            to be valid.
 
     Raises:
         ValueError: for an unknown ``reduction``.
@@ -51,9 +57,10 @@ class TritonBackend(Backend):
         auto_devices=frozenset({"cuda"}),
     )
 
-    def __init__(self, reduction: Reduction = "auto") -> None:
+    def __init__(self, reduction: Reduction = "auto", check_indices: bool = True) -> None:
         check_reduction(reduction)
         self.reduction = reduction
+        self.check_indices = bool(check_indices)
 
     def unavailable_reason(self) -> str | None:
         """``"triton is not installed"`` when it cannot be imported, else ``None``."""
@@ -114,14 +121,16 @@ class TritonBackend(Backend):
             edge_dst,
             num_nodes,
             reduction=self.reduction,
+            check_indices=self.check_indices,
         )
 
     def __repr__(self) -> str:
-        return f"<torsion backend 'triton' (reduction={self.reduction!r})>"
+        checks = "" if self.check_indices else ", check_indices=False"
+        return f"<torsion backend 'triton' (reduction={self.reduction!r}{checks})>"
 
 
 def register_triton_backend(
-    reduction: Reduction = "auto", *, replace: bool = False
+    reduction: Reduction = "auto", *, check_indices: bool = True, replace: bool = False
 ) -> TritonBackend:
     """Register the ``triton`` backend with the given reduction.
 
@@ -133,6 +142,7 @@ def register_triton_backend(
 
     Args:
         reduction: ``"auto"`` (default, ``"sorted"``), ``"sorted"`` or ``"scatter"``.
+        check_indices: see :class:`TritonBackend`.
         replace: replace a backend of another class registered as ``"triton"``.
 
     Returns:
@@ -142,13 +152,13 @@ def register_triton_backend(
         ValueError: for an unknown ``reduction``, or when a backend of another class is
             registered as ``"triton"`` and ``replace`` is false.
     """
-    backend = TritonBackend(reduction)
+    backend = TritonBackend(reduction, check_indices)
     try:
         existing = get_backend("triton")
     except ValueError:
         existing = None
     if isinstance(existing, TritonBackend):
-        if existing.reduction == reduction:
+        if (existing.reduction, existing.check_indices) == (reduction, bool(check_indices)):
             return existing
     elif existing is not None and not replace:
         raise ValueError(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,6 +137,22 @@ def descriptor_handle(descriptor: TPDescriptor) -> int:
     return handle
 
 
+@functools.cache
+def _weighted_paths_only(handle: int) -> int:
+    """The handle of the descriptor without its unweighted paths (``handle`` itself when
+    there are none).
+
+    The form is affine, not linear, in the weights when some paths are unweighted, so a
+    derivative taken through the weight slot, where a direction replaces the weights, must
+    leave those paths out (the ``torch`` backend's ``weighted_only``). The weight layout
+    is unchanged: unweighted paths own no weights.
+    """
+    d = _DESCRIPTORS[handle]
+    if all(path.weighted for path in d.paths):
+        return handle
+    return descriptor_handle(dataclasses.replace(d, paths=tuple(p for p in d.paths if p.weighted)))
+
+
 def _rows(t: Tensor) -> Tensor:
     """``t`` with unit stride along its last dimension (a copy only when needed)."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
@@ -184,6 +201,8 @@ def conv_node(
     sender, reduce at receivers; ``d F / d g``) or the ``x_node`` gradient (``True``:
     gather the output gradient by receiver, reduce at senders; ``d F / d x``)."""
     d = _DESCRIPTORS[handle]
+    # the kernels read indices at unit stride (the rows of an edge_index are not)
+    edge_src, edge_dst = edge_src.contiguous(), edge_dst.contiguous()
     if transposed:
         gather_index, scatter_index, width = edge_dst, edge_src, d.irreps_in1.dim
     else:
@@ -234,6 +253,7 @@ def _edge_launch(
     gradient."""
     d = _DESCRIPTORS[handle]
     x, g = _rows(x), _rows(g)
+    edge_src, edge_dst = edge_src.contiguous(), edge_dst.contiguous()  # read at unit stride
     num_edges = edge_src.shape[0]
     # Unread pointers get a real tensor as placeholder (CUDA launches check pointers).
     a = x if a is None else _rows(a)
@@ -353,6 +373,8 @@ def _edge_attr_backward(ctx: Any, v: Tensor) -> tuple[Any, ...]:
 
 def _edge_weight_backward(ctx: Any, v: Tensor) -> tuple[Any, ...]:
     handle, atomic = ctx.static
+    # with ``v`` in the weight slot, unweighted paths (implicit weight 1) drop out
+    handle = _weighted_paths_only(handle)
     x, a, g, src, dst = ctx.saved_tensors
     _, _, need_x, need_a, need_g, *_ = ctx.needs_input_grad
     grad_x = conv_node(handle, True, atomic, g, a, v, src, dst, x.shape[0]) if need_x else None
