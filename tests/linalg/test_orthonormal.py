@@ -54,6 +54,15 @@ def test_polar_matches_svd(dtype, generator):
     torch.testing.assert_close(polar(a.to(dtype)).double(), u @ vh, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_polar_does_not_depend_on_the_scale(dtype):
+    """``a^T a`` under- or overflowed at extreme scales (a diagonal of 9e-12, or NaN)."""
+    scales = {torch.float32: (1e-30, 1e25), torch.float64: (1e-200, 1e200)}[dtype]
+    eye = torch.eye(3, 2, dtype=dtype)
+    for scale in scales:
+        torch.testing.assert_close(polar(scale * eye), eye)
+
+
 def test_polar_gradient_is_finite_at_orthonormal_input(generator):
     # Every singular value is 1 here: autograd through an SVD divides by zero.
     x = _stiefel_point(6, 3, generator=generator).requires_grad_()

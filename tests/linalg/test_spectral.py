@@ -1,5 +1,7 @@
 """Symmetric matrix functions: values against SciPy, derivatives against finite differences."""
 
+import math
+
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -173,6 +175,60 @@ def test_third_derivative_raises_instead_of_being_wrong(generator):
     (second,) = torch.autograd.grad((grad**2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="third derivatives"):
         torch.autograd.grad(second.sum(), x)
+    # in forward mode too (it silently gave 0)
+    e = torch.randn(3, 3, dtype=torch.float64, generator=generator)
+    e = e + e.mT
+    jvp = torch.func.jvp
+
+    def second_in_forward_mode(y):
+        return jvp(lambda z: jvp(sym_logm, (z,), (e,))[1], (y,), (e,))[1]
+
+    with pytest.raises(RuntimeError, match="third derivatives"):
+        jvp(second_in_forward_mode, (x.detach(),), (e,))
+
+
+@pytest.mark.parametrize("name", ["logm", "expm", "sqrtm", "powm(-1.5)"])
+def test_second_derivatives_in_every_mode_agree(name, generator):
+    """Forward-over-forward and reverse-over-forward (both gave exactly 0: the tangent
+    was built from lam and Q, which carry no derivatives), jacrev of a gradient (vmap
+    could not run the third-order barrier) and double backward give one second
+    derivative, equal to central finite differences."""
+    fn = FUNCTIONS[name][0]
+    x = random_spd(3, condition=4.0, generator=generator)
+    e = torch.randn(3, 3, dtype=torch.float64, generator=generator)
+    e = e + e.mT
+    jvp = torch.func.jvp
+    h = 1e-4
+    finite = (fn(x + h * e) - 2 * fn(x) + fn(x - h * e)) / h**2
+    forward_forward = jvp(lambda y: jvp(fn, (y,), (e,))[1], (x,), (e,))[1]
+    torch.testing.assert_close(forward_forward, finite, rtol=1e-5, atol=1e-6)
+
+    def loss(y):
+        return (fn(y) * e).sum()
+
+    reverse_reverse = torch.autograd.functional.hessian(loss, x)
+    torch.testing.assert_close(torch.func.jacrev(torch.func.grad(loss))(x), reverse_reverse)
+    reverse_forward = torch.func.grad(lambda y: (jvp(fn, (y,), (e,))[1] * e).sum())(x)
+    expected = (reverse_reverse.reshape(9, 9) @ e.reshape(9)).reshape(3, 3)
+    torch.testing.assert_close(reverse_forward, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expm_gradient_is_finite_wherever_the_exponential_is(dtype):
+    """The divided difference of exp at a wide spread overflowed (``expm1(a - b) exp(b)``)
+    although ``exp(a)`` itself is finite: the gradient came out all NaN."""
+    spread = {torch.float32: (10.0, -100.0), torch.float64: (400.0, -400.0)}[dtype]
+    x = torch.diag(torch.tensor(spread, dtype=dtype)).requires_grad_()
+    (grad,) = torch.autograd.grad(sym_expm(x).sum(), x)
+    a, b = spread
+    expected = torch.tensor(
+        [[math.exp(a), (math.exp(a) - math.exp(b)) / (a - b)],
+         [(math.exp(a) - math.exp(b)) / (a - b), math.exp(b)]],
+        dtype=torch.float64,
+    )  # fmt: skip
+    assert torch.isfinite(grad).all()
+    # exp(-100) is subnormal in float32
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=torch.finfo(dtype).tiny)
 
 
 def test_frechet_derivative_differentiates_twice_in_its_direction(generator):
@@ -244,6 +300,8 @@ class TestBadInput:
             sym_powm(torch.eye(2), torch.tensor(2.0))
         with pytest.raises(ValueError, match="finite exponent, got nan"):
             sym_powm(torch.eye(2), float("nan"))
+        with pytest.raises(ValueError, match="finite eps, got nan"):
+            sym_clampm(torch.eye(2), float("nan"))
 
 
 def test_compiles_without_graph_breaks(generator):

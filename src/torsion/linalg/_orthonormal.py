@@ -68,6 +68,11 @@ def polar(a: Tensor) -> Tensor:
                 [0., 1.]], dtype=torch.float64)
     """
     _check_tall(a, "polar")
+    if a.numel() > 0:
+        # the polar factor does not depend on the scale, but a^T a under- or overflows
+        # beyond about 1e-19 / 1e19 in float32 (1e-154 / 1e154 in float64)
+        scale = a.abs().amax(dim=(-2, -1), keepdim=True)
+        a = a / torch.where(scale > 0, scale, 1.0)
     return a @ sym_invsqrtm(a.mT @ a)
 
 

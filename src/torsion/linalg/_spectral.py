@@ -220,7 +220,7 @@ class _FrechetDerivative(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, lam, q, e, fn = inputs
         ctx.save_for_backward(x, lam, q, e)
-        ctx.save_for_forward(lam, q, e)
+        ctx.save_for_forward(x, lam, q, e)
         ctx.fn = fn
 
     @staticmethod
@@ -228,9 +228,7 @@ class _FrechetDerivative(torch.autograd.Function):
         x, lam, q, e = ctx.saved_tensors
         grad_x = grad_e = None
         if ctx.needs_input_grad[0]:
-            with torch.no_grad():
-                grad_x = _second_frechet(ctx.fn, lam, q, e, grad)
-            grad_x = _without_third_derivative(grad_x, x)
+            grad_x = _second_derivative_in_x(ctx.fn, x, lam, q, e, grad)
         if ctx.needs_input_grad[3]:
             if torch.is_grad_enabled():
                 grad_e = _frechet_derivative_function().apply(x, lam, q, grad, ctx.fn)
@@ -239,22 +237,50 @@ class _FrechetDerivative(torch.autograd.Function):
         return grad_x, None, None, grad_e, None
 
 
-def _without_third_derivative(t: Tensor, x: Tensor) -> Tensor:
-    """``t``, a gradient in ``x``, behind an autograd node that raises if differentiated.
+_THIRD_ORDER = (
+    "third derivatives of torsion.linalg matrix functions with respect to the matrix are "
+    "not implemented"
+)
 
-    The mechanism of :func:`torch.autograd.function.once_differentiable`, applied to the
-    ``x``-gradient only and wired to ``x`` so that the error names the problem:
-    differentiating again in ``x`` needs third divided differences, not implemented here,
-    and must never silently give zero.
+
+class _SecondFrechet(torch.autograd.Function):
+    """``(x, E, H) -> D^2 g(x)[E, H]``: the last derivative implemented.
+
+    Differentiating it again, in reverse or forward mode, would need third divided
+    differences, so both raise (naming the problem) instead of silently giving zero: it is
+    a function of ``x`` through ``lam, Q``, which carry no derivatives. A Function rather
+    than autograd's ``DelayedError`` node, which ``torch.func.vmap`` (``jacrev`` of a
+    gradient) cannot run, and which guarded reverse mode only.
     """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, lam: Tensor, q: Tensor, e: Tensor, h: Tensor, fn: _SpectralFunction
+    ) -> Tensor:
+        return _second_frechet(fn, lam, q, e, h)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_THIRD_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_THIRD_ORDER)
+
+
+def _second_derivative_in_x(
+    fn: _SpectralFunction, x: Tensor, lam: Tensor, q: Tensor, e: Tensor, h: Tensor
+) -> Tensor:
+    """``D^2 g(x)[E, H]``, behind :class:`_SecondFrechet` when a graph is being recorded."""
     if not torch.is_grad_enabled():
-        return t
-    barrier = torch._C._functions.DelayedError(
-        b"third derivatives of torsion.linalg matrix functions with respect to the matrix "
-        b"are not implemented",
-        2,
-    )
-    return barrier(t, x)[0]
+        return _second_frechet(fn, lam, q, e, h)
+    return _SecondFrechet.apply(x, lam, q, e, h, fn)
 
 
 class _SpectralApply(torch.autograd.Function):
@@ -276,7 +302,7 @@ class _SpectralApply(torch.autograd.Function):
         _, lam, q = output
         ctx.mark_non_differentiable(lam, q)
         ctx.save_for_backward(x, lam, q)
-        ctx.save_for_forward(lam, q)
+        ctx.save_for_forward(x, lam, q)
         ctx.fn = fn
 
     @staticmethod
@@ -295,20 +321,23 @@ class _SpectralApply(torch.autograd.Function):
 class _FrechetDerivativeWithJvp(_FrechetDerivative):
     @staticmethod
     def jvp(ctx, x_t, lam_t, q_t, e_t, fn_t):
-        lam, q, e = ctx.saved_tensors
+        x, lam, q, e = ctx.saved_tensors
         out = torch.zeros_like(e)
         if x_t is not None:
-            out = out + _second_frechet(ctx.fn, lam, q, e, x_t)
+            out = out + _SecondFrechet.apply(x, lam, q, e, x_t, ctx.fn)
         if e_t is not None:
-            out = out + _frechet(ctx.fn, lam, q, e_t)
+            out = out + _FrechetDerivativeWithJvp.apply(x, lam, q, e_t, ctx.fn)
         return out
 
 
 class _SpectralApplyWithJvp(_SpectralApply):
     @staticmethod
     def jvp(ctx, x_t, _fn_t):
-        lam, q = ctx.saved_tensors
-        return _frechet(ctx.fn, lam, q, x_t), None, None
+        # Through the Frechet Function, not its formula: an enclosing forward or reverse
+        # level then differentiates the tangent in x as well (forward-over-forward,
+        # reverse-over-forward), where lam and Q alone carry no derivatives (it was 0).
+        x, lam, q = ctx.saved_tensors
+        return _FrechetDerivativeWithJvp.apply(x, lam, q, x_t, ctx.fn), None, None
 
 
 def _frechet_derivative_function() -> type[_FrechetDerivative]:
@@ -387,7 +416,9 @@ def _log_divided_difference(gap: Tensor, ca: Tensor, cb: Tensor) -> Tensor:
 
 
 def _exp_divided_difference(gap: Tensor, ca: Tensor, cb: Tensor) -> Tensor:
-    return torch.expm1(ca - cb).mul_(torch.exp(cb)).div_(gap)
+    # exp(ca) (1 - exp(cb - ca)) / (a - b): finite wherever exp(ca) is (expm1(ca - cb)
+    # exp(cb) overflowed once ca - cb passed 88.7 in float32, 709.8 in float64)
+    return torch.expm1(cb - ca).neg_().mul_(torch.exp(ca)).div_(gap)
 
 
 def _sqrt_divided_difference(gap: Tensor, ca: Tensor, cb: Tensor) -> Tensor:
@@ -595,6 +626,8 @@ def sym_clampm(x: Tensor, eps: float, *, check: bool = False) -> Tensor:
     """
     if isinstance(eps, Tensor) or not isinstance(eps, (int, float)):
         raise TypeError(f"sym_clampm expects a Python number as eps, got {type(eps).__name__}")
+    if not math.isfinite(eps):
+        raise ValueError(f"sym_clampm expects a finite eps, got {eps}")
     fn = _SpectralFunction(
         f=lambda t: t,
         df=torch.ones_like,

@@ -187,6 +187,18 @@ class ManifoldSuite:
         if self.parallel_transport:
             self.assert_close(self.inner(y, tu, tv), self.inner(x, u, v), dtype, scale=10)
 
+    def test_transport_to_the_same_point_is_the_identity(self, batch, dtype, generator):
+        """Every vector transport leaves a tangent vector unchanged when it does not move;
+        parallel transport back along the same geodesic undoes the transport. (Tangency
+        and isometry alone pass a wrong transport such as ``-v``.)"""
+        x = self.point(batch, dtype, generator)
+        u = self.tangent(x, generator)
+        self.assert_close(self.manifold.transp(x, x, u), u, dtype, scale=10)
+        if self.parallel_transport:
+            y = self.manifold.expmap(x, self.tangent(x, generator, self.tangent_scale))
+            back = self.manifold.transp(y, x, self.manifold.transp(x, y, u))
+            self.assert_close(back, u, dtype, scale=100)
+
     # -- gradients and Hessians --------------------------------------------------------------
 
     def _derivatives(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
