@@ -480,3 +480,16 @@ def test_probes_on_model_operators_match_the_dense_hessian(problem, generator):
     grid, density = spectral_density(op, num_probes=4, num_steps=op.shape[0], generator=generator)
     mass = torch.trapezoid(density, grid)
     torch.testing.assert_close(mass, torch.ones_like(mass), atol=1e-3, rtol=0)
+
+
+def test_fisher_falls_back_to_autograd_on_data_dependent_control_flow(generator):
+    """vmap cannot run a loss that branches on a value; "auto" must take autograd."""
+    model, _, x, y = _mlp_mse(generator)
+
+    def loss(out, target):
+        d = out - target
+        return (d**2).mean() if bool(d.abs().max() < 10) else d.abs().mean()
+
+    auto = EmpiricalFisherOperator(model, loss, (x, y)).to_dense()
+    by_autograd = EmpiricalFisherOperator(model, loss, (x, y), method="autograd").to_dense()
+    torch.testing.assert_close(auto, by_autograd)

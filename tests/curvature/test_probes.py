@@ -631,3 +631,32 @@ def test_reported_residuals_are_the_explicit_ones_down_to_the_rounding_floor(whi
     expected = torch.linalg.eigvalsh(a)
     expected = expected.flip(0)[:4] if which == "LA" else expected[:4]
     torch.testing.assert_close(theta, expected, rtol=0, atol=1e-12)
+
+
+def _bulk_and_outliers(n, outliers, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    spectrum = torch.cat([torch.rand(n - len(outliers), generator=g, dtype=F64), outliers])
+    return DenseOperator(((q * spectrum) @ q.T).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_slq_resolves_the_bulk_next_to_outliers(dtype):
+    """Outliers 100x the bulk width: the breakdown test (sqrt(n eps) ||A||, 8e-3 ||A|| in
+    float32) collapsed the bulk to one or two nodes in float32, and the default sigma fell
+    back to 1 % of the range (1.0 here), flattening the bulk of the density."""
+    op = _bulk_and_outliers(600, torch.tensor([50.0, 100.0], dtype=F64), dtype)
+    nodes, weights = slq_quadrature(op, 4, 40, generator=torch.Generator().manual_seed(1))
+    in_bulk = ((nodes > -0.1) & (nodes < 1.1) & (weights > 1e-6)).sum(dim=1)
+    assert in_bulk.min() >= 30
+    sigma = float(_default_sigma(nodes, weights))
+    assert 0.005 < sigma < 0.05  # half the bulk's node spacing, not 1 % of [0, 100]
+
+
+def test_slq_steps_past_an_exhausted_space_stay_inside_the_spectrum():
+    """num_steps > n: the extra nodes (zero weight) were 0.0, outside a positive spectrum,
+    and widened the default grid and sigma."""
+    op = DenseOperator(torch.diag(torch.tensor([2.0, 3.0, 5.0], dtype=F64)))
+    nodes, weights = slq_quadrature(op, 2, 9, generator=torch.Generator().manual_seed(0))
+    assert nodes.min() >= 2.0 - 1e-12 and nodes.max() <= 5.0 + 1e-12
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(2, dtype=F64))

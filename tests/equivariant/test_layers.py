@@ -249,6 +249,8 @@ def test_spherical_harmonics_reject_bad_input(generator):
         SphericalHarmonics("0e + 1o", normalization="unit")
     with pytest.raises(ValueError, match="invalid irreps_out"):
         SphericalHarmonics("0e + 1o + 2o")
+    with pytest.raises(ValueError, match="parity"):  # e3nn takes these for a pseudovector
+        SphericalHarmonics("0e + 1e + 2e")
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\)"):
         SphericalHarmonics("0e + 1o")(randn(generator, 4, 2))
 

@@ -341,6 +341,36 @@ def test_bad_input(name):
         enc(v.float(), lam.float(), b)
     with pytest.raises(ValueError, match="edge_index of shape"):
         enc(v, lam, b, edge_index=data.edge_index.T)
+    # graph ids outside the rows: a negative id wrapped around to the last graph
+    with pytest.raises(ValueError, match=r"graph ids in \[-1, .*\] but eigvals has"):
+        enc(v, lam, torch.where(b == b.max(), -1, b))
+    with pytest.raises(ValueError, match="graph ids in"):
+        enc(v, lam[:1], b)
+
+
+@pytest.mark.parametrize("name", ["signnet", "spe"])  # BasisNet is built for k = 7
+def test_per_graph_eigenvalues_with_an_empty_graph(name):
+    """As many graphs as nodes (an empty graph in the batch): AddLaplacianPE's per-graph
+    rows were read as per-node rows, so a node got another graph's eigenvalues."""
+    from torch_geometric.data import Batch, Data
+
+    from torsion.spectral import AddLaplacianPE
+
+    torch.manual_seed(0)
+    enc = _make(name)
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    graphs = [
+        Data(edge_index=torch.tensor([[0, 1], [1, 0]]), num_nodes=2),
+        Data(edge_index=empty, num_nodes=0),
+        Data(edge_index=empty, num_nodes=1),
+    ]
+    transform = AddLaplacianPE(k=2)
+    batch = transform(Batch.from_data_list(graphs))
+    out = enc(batch.lap_pe.double(), batch.lap_pe_eigvals.double(), batch.batch,
+              mask=batch.lap_pe_mask)  # fmt: skip
+    alone = transform(graphs[0])
+    expected = enc(alone.lap_pe.double(), alone.lap_pe_eigvals.double(), mask=alone.lap_pe_mask)
+    torch.testing.assert_close(out[:2], expected, rtol=0, atol=1e-12)
 
 
 def test_bad_construction():

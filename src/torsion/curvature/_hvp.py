@@ -389,6 +389,7 @@ _NOT_TRANSFORMABLE_MARKERS = (
     "appears to not have been used in the graph",
     "Sparse CSR tensors do not have strides",
     "under vmap transform is not allowed",
+    "data-dependent control flow",  # vmap of a loss or model that branches on a value
 )
 _NOT_TRANSFORMABLE = (
     "method={method!r} runs f under torch.func transforms, which f does not support: "

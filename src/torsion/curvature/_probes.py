@@ -255,6 +255,9 @@ def _mean_and_standard_error(samples: Tensor, dim: int = -1) -> tuple[Tensor, Te
 
 EigshCriterion = Literal["eigenvalue", "residual"]
 _CRITERIA = ("eigenvalue", "residual")
+#: Lanczos breakdown in SLQ: a reorthogonalised residual below this many
+#: ``sqrt(n) eps ||A||`` (rounding noise) ends the Krylov space.
+_SLQ_BREAKDOWN = 10.0
 _RESOLVED = 0.25  # a neighbour with a larger residual-to-distance ratio is unresolved
 _RESOLUTION = 4.0  # gaps below RESOLUTION * width / steps**2 may still hide eigenvalues
 # a single row skips the second Gram-Schmidt pass when more than this fraction of its norm
@@ -1030,6 +1033,7 @@ def slq_quadrature(
     alphas = torch.zeros(p, s, dtype=dtype, device=device)
     betas = torch.zeros(p, max(s - 1, 0), dtype=dtype, device=device)
     anorm = torch.zeros(p, dtype=dtype, device=device)
+    dead = torch.zeros(p, s, dtype=torch.bool, device=device)  # steps past an exhausted space
     with _progress(op, progress, p * s, "slq") as counted:
         for j in range(s):
             basis[:, j] = q.mT
@@ -1043,16 +1047,27 @@ def slq_quadrature(
                 r = r - torch.einsum("pjn,pj->pn", basis[:, : j + 1], coeff)
             beta = torch.linalg.vector_norm(r, dim=1)
             anorm = torch.maximum(anorm, alphas[:, j].abs() + beta)
-            alive = beta > (n * eps) ** 0.5 * anorm
+            # Breakdown: what is left after full reorthogonalisation is rounding noise. (The
+            # bound was sqrt(n eps) ||A||, 8e-3 ||A|| in float32 at n = 600: once Lanczos had
+            # found a few outliers, the bulk's couplings fell below it and the bulk
+            # collapsed to one or two nodes.)
+            alive = beta > _SLQ_BREAKDOWN * n**0.5 * eps * anorm
             # On breakdown continue from a random vector orthogonal to the basis, with beta = 0.
             fresh = _randn(n, p, op, generator).mT
             for _ in range(2):
                 coeff = torch.einsum("pjn,pn->pj", basis[:, : j + 1], fresh)
                 fresh = fresh - torch.einsum("pjn,pj->pn", basis[:, : j + 1], coeff)
-            fresh = fresh / torch.linalg.vector_norm(fresh, dim=1, keepdim=True).clamp_min(eps)
+            fresh_norm = torch.linalg.vector_norm(fresh, dim=1, keepdim=True)
+            # no vector is left once the basis spans the space (num_steps > n)
+            dead[:, j + 1] = ~alive & (fresh_norm[:, 0] <= _SLQ_BREAKDOWN * n**0.5 * eps)
+            fresh = fresh / fresh_norm.clamp_min(eps)
             safe_beta = torch.where(alive, beta, torch.ones_like(beta))
             q = torch.where(alive[:, None], r / safe_beta[:, None], fresh).mT
             betas[:, j] = torch.where(alive, beta, torch.zeros_like(beta))
+    # A step past an exhausted space is a decoupled 1 x 1 block of zero weight; its node
+    # (0 from the zero vector) is set to the probe's first Ritz value v^T A v, inside the
+    # spectrum, so that it does not stretch the default grid or sigma of spectral_density.
+    alphas = torch.where(dead.cumsum(dim=1) > 0, alphas[:, :1], alphas)
     tri = torch.diag_embed(alphas)
     if s > 1:
         tri = tri + torch.diag_embed(betas, offset=1) + torch.diag_embed(betas, offset=-1)
@@ -1069,10 +1084,12 @@ def _default_sigma(nodes: Tensor, weights: Tensor) -> Tensor:
     nodes without washing out the bulk. A width proportional to the whole spectral range
     would be set by a few outliers, which stretch the range but carry no mass. Falls back
     to 1 % of the node range (at least ``1e-3`` of the largest node magnitude; 1 for the
-    zero operator) with a single node per probe or coinciding nodes. No host sync.
+    zero operator) with a single node per probe or coinciding nodes (a spacing below
+    ``100 eps`` of the largest node magnitude). No host sync.
     """
     lo, hi = nodes.min(), nodes.max()
-    width = torch.maximum(hi - lo, 1e-3 * nodes.abs().max())
+    scale = nodes.abs().max()
+    width = torch.maximum(hi - lo, 1e-3 * scale)
     fallback = torch.where(width > 0, 0.01 * width, torch.ones_like(width))
     if nodes.shape[1] < 2:
         return fallback
@@ -1083,7 +1100,10 @@ def _default_sigma(nodes: Tensor, weights: Tensor) -> Tensor:
     cumulative = torch.cumsum(mass[order], dim=0)
     half = torch.searchsorted(cumulative, cumulative[-1:] / 2).clamp_max(local.numel() - 1)
     sigma = 0.5 * local[order][half[0]]
-    return torch.where(sigma > 1e-3 * width, sigma, fallback)
+    # only coinciding nodes fall back: a bulk spacing far below the range is the point
+    # (outliers 100x the bulk width stretch the range; comparing with it flattened the bulk)
+    floor = 100 * torch.finfo(nodes.dtype).eps * scale
+    return torch.where(sigma > floor, sigma, fallback)
 
 
 def spectral_density(

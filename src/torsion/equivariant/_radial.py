@@ -189,6 +189,14 @@ class SphericalHarmonics(nn.Module):
                 f"SphericalHarmonics: invalid irreps_out {irreps_out!r}: {error}"
             ) from None
         self.irreps_out = self.sh.irreps_out
+        # e3nn takes all-even parities as harmonics of a pseudovector; of an edge vector
+        # (a true vector) they are not equivariant under reflections, so refuse them
+        wrong = [str(ir) for _, ir in self.irreps_out if ir.p != (-1) ** ir.l]
+        if wrong:
+            raise ValueError(
+                f"SphericalHarmonics: irreps_out {irreps_out!r} has {', '.join(wrong)}; the "
+                "harmonics of a vector have parity (-1)^l (0e, 1o, 2e, 3o, ...)"
+            )
         self.normalize, self.normalization = normalize, normalization
 
     def forward(self, vectors: Tensor) -> Tensor:

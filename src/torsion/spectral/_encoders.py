@@ -22,7 +22,9 @@ Calling convention (shared by the three)::
   ``i``'s entries of ``k`` eigenvectors of its own graph, each unit-norm over that graph.
 * ``eigvals``: ``(k,)`` (one graph, or the same eigenvalues for all), ``(B, k)`` (one row
   per graph of the batch) or ``(N, k)`` (one row per node, repeated within a graph). A 2-D
-  ``eigvals`` with ``N`` rows is always read per node.
+  ``eigvals`` with ``N`` rows is read per node, unless ``batch`` also has ``N`` graphs whose
+  ids are not ``0, ..., N - 1`` in order (an empty graph in the batch): then it is read per
+  graph, as :class:`~torsion.spectral.AddLaplacianPE` stores it.
 * ``batch``: PyG's node-to-graph vector ``(N,)``, or ``None`` for a single graph. It does
   not have to be sorted.
 * Missing eigenpairs (a graph with fewer than ``k`` nodes) are marked by NaN: a NaN
@@ -88,6 +90,36 @@ class _Eigenpairs:
     num_graphs: int | None
 
 
+def _per_graph_rows(eigvals: Tensor, batch: Tensor) -> bool:
+    """Whether ``N`` rows of ``eigvals`` (``N`` nodes) are one per graph rather than one
+    per node. Both fit the shape only when the batch could hold ``N`` graphs, some empty
+    (:class:`~torsion.spectral.AddLaplacianPE` stores one row per graph, so a batch with an
+    empty graph and as many graphs as nodes has ``N`` rows). Rows per node repeat within a
+    graph; rows that do not are read per graph. Reading that costs one host
+    synchronisation, paid only by callers that pass ``N`` rows with ``batch`` (one row per
+    graph avoids it)."""
+    n = batch.shape[0]
+    index = batch.long()
+    nodes = torch.arange(n, device=batch.device)
+    first = torch.full((n,), n, device=batch.device).scatter_reduce(0, index, nodes, "amin")
+    reference = eigvals[first[index]]
+    same = (reference == eigvals) | (torch.isnan(reference) & torch.isnan(eigvals))
+    return not bool(same.all())
+
+
+def _rows_of_graphs(eigvals: Tensor, batch: Tensor, name: str) -> Tensor:
+    """``eigvals[batch]`` for per-graph rows; a graph id outside the rows (a negative one
+    would wrap around with plain indexing) raises a ``ValueError`` naming ``batch``."""
+    try:
+        return torch.index_select(eigvals, 0, batch.long())
+    except (IndexError, RuntimeError) as error:
+        low, high = int(batch.min()), int(batch.max())
+        raise ValueError(
+            f"{name}: batch holds graph ids in [{low}, {high}] but eigvals has "
+            f"{eigvals.size(0)} rows (one per graph)"
+        ) from error
+
+
 def _describe(t: object) -> str:
     if isinstance(t, Tensor):
         return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
@@ -151,18 +183,18 @@ def _eigenpairs(
     num_graphs = None
     if eigvals.dim() == 1:
         vals = eigvals.expand(n, k)
-    elif eigvals.size(0) == n:
-        vals = eigvals
     elif batch is None:
-        if eigvals.size(0) != 1:
+        if eigvals.size(0) not in (1, n):
             raise ValueError(
                 f"{name}: without batch (a single graph), eigvals must have shape ({k},), "
                 f"(1, {k}) or ({n}, {k}), got {tuple(eigvals.shape)}"
             )
         vals = eigvals.expand(n, k)
+    elif eigvals.size(0) == n and not _per_graph_rows(eigvals, batch):
+        vals = eigvals
     else:
         num_graphs = eigvals.size(0)
-        vals = eigvals[batch.long()]
+        vals = _rows_of_graphs(eigvals, batch, name)
     present = ~torch.isnan(vals)
     kept = present & ~torch.isnan(eigvecs)
     return _Eigenpairs(
