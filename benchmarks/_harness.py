@@ -122,9 +122,17 @@ def parse_args(
 
 
 def setup(args: argparse.Namespace) -> dict[str, Any]:
-    """Apply ``--threads`` and return the :func:`environment` block for ``args.device``."""
+    """Apply ``--threads`` (to torch, and to the BLAS and OpenMP pools of NumPy and SciPy,
+    which the anchors use: pymanopt, ARPACK) and return the :func:`environment` block for
+    ``args.device``."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # then only torch's threads follow --threads
+            pass
+        else:
+            threadpool_limits(args.threads)
     return environment(args.device)
 
 
@@ -154,6 +162,17 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
+def _blas_threads() -> int | None:
+    """The largest thread count of the BLAS pools NumPy and SciPy load (``None`` without
+    threadpoolctl): what pymanopt's and ARPACK's linear algebra runs on."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return max(counts, default=None)
+
+
 def environment(device: str = "cpu") -> dict[str, Any]:
     """What the numbers depend on: versions, threads, hardware, git SHA and date."""
     dev = torch.device(device)
@@ -161,6 +180,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "blas_threads": _blas_threads(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "device": str(dev),
@@ -180,6 +200,7 @@ def environment_line(env: dict[str, Any]) -> str:
     return (
         f"torch {env['torch']}, Python {env['python']}, {env['device']} "
         f"({env['device_name']}), {env['threads']} threads / {env['cpu_count']} CPUs, "
+        f"BLAS threads {env.get('blas_threads') or 'unknown'}, "
         f"git {env['git_sha'] or 'unknown'}, {env['date']}"
     )
 
