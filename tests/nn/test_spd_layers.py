@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 
 from tests.nn._spd import F64, eigvals, random_spd
-from torsion.nn import BiMap, CovPool, ExpEig, LogEig, PowEig, ReEig, SPDVectorize
+from torsion.nn import BiMap, CovPool, ExpEig, LogEig, PowEig, ReEig, SPDBatchNorm, SPDVectorize
 
 
 @pytest.fixture
@@ -151,6 +151,16 @@ def _spdnet():
         torch.nn.Flatten(),
         torch.nn.Linear(16, 3),
     )
+
+
+def test_eigen_layers_compile_with_dynamic_shapes(generator):
+    """Under dynamic=True the layers' float options become symbolic; a value check on
+    them (math.isfinite) broke the graph (fullgraph=True raised)."""
+    net = torch.nn.Sequential(ReEig(), PowEig(0.5), SPDBatchNorm(4, "airm"))
+    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (3, 5):
+        x = random_spd(batch, n=4, generator=generator, dtype=torch.float32)
+        torch.testing.assert_close(compiled(x), copy.deepcopy(net)(x), rtol=1e-4, atol=1e-5)
 
 
 def test_spdnet_compiles_without_graph_breaks(generator):

@@ -393,6 +393,12 @@ def test_input_not_modified_and_cached_operator(name, generator):
     torch.testing.assert_close(conv(x, edge_index[:, :0]), first)
     conv.reset_parameters()
     assert conv._cached_operator is None
+    # the cache is of one dtype: .float() (which cannot see it) and a float32 input rebuild
+    # it (it raised "expected scalar type Double but found Float" in the product)
+    conv(x, edge_index, weight)
+    out = conv.float()(x.float(), edge_index, weight.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), first, rtol=1e-5, atol=1e-5)
 
 
 def test_no_edges_is_the_zero_operator(generator):

@@ -606,7 +606,7 @@ def sym_powm(x: Tensor, p: float, *, check: bool = False) -> Tensor:
     """
     if isinstance(p, Tensor) or not isinstance(p, (int, float)):
         raise TypeError(f"sym_powm expects a Python number as exponent, got {type(p).__name__}")
-    if not math.isfinite(p):
+    if not torch.compiler.is_compiling() and not math.isfinite(p):  # p may be symbolic there
         raise ValueError(f"sym_powm expects a finite exponent, got {p}")
     return _apply(x, _power(float(p)), "sym_powm", check, True)
 
@@ -626,7 +626,7 @@ def sym_clampm(x: Tensor, eps: float, *, check: bool = False) -> Tensor:
     """
     if isinstance(eps, Tensor) or not isinstance(eps, (int, float)):
         raise TypeError(f"sym_clampm expects a Python number as eps, got {type(eps).__name__}")
-    if not math.isfinite(eps):
+    if not torch.compiler.is_compiling() and not math.isfinite(eps):  # symbolic when compiling
         raise ValueError(f"sym_clampm expects a finite eps, got {eps}")
     fn = _SpectralFunction(
         f=lambda t: t,

@@ -442,9 +442,15 @@ class _PolynomialFilter(MessagePassing, abc.ABC):
         """The normalized operator ``_operator_scale * Â``, built without host
         synchronisation (``torch.compile`` traces it). ``cached=True`` keeps it, unless its
         values need a gradient (they then belong to this call's graph); a compiled call
-        reads the cache but does not fill it."""
-        if self._cached_operator is not None:
-            return self._cached_operator
+        reads the cache but does not fill it. The cache is of one dtype and device: an input
+        of another (after ``.double()`` or ``.to(device)``, which do not see a plain
+        attribute) rebuilds it."""
+        cached = self._cached_operator
+        if cached is not None and (cached.values.dtype, cached.values.device) == (
+            x.dtype,
+            x.device,
+        ):
+            return cached
         n = x.size(0)
         index, weight = _normalized_edges(
             edge_index, edge_weight, n, self.add_self_loops, x.dtype, self._operator_scale
