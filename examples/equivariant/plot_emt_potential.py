@@ -52,8 +52,10 @@ start = time.perf_counter()
 # %%
 # Data. Each trajectory starts from a cluster with a random number of Au atoms swapped in,
 # without net momentum or rotation, thermalised by Bussi's stochastic velocity-rescaling
-# thermostat; snapshots are 10 fs apart (5 steps of 2 fs), far enough to be fairly
-# independent. Species ids: Cu -> 0, Au -> 1.
+# thermostat; snapshots are 10 fs apart (5 steps of 2 fs). They are not independent: at
+# one snapshot's lag the forces still correlate at 0.92 and the energies at 0.95, which is
+# why the test set below is the end of every trajectory, not a random sample of snapshots.
+# Species ids: Cu -> 0, Au -> 1.
 SPECIES = {29: 0, 79: 1}
 
 
@@ -102,11 +104,15 @@ for index, size in enumerate(sizes):
 print(f"{len(frames)} EMT snapshots of {sorted(set(sizes))}-atom Cu/Au clusters")
 
 # %%
-# Train/test split by snapshot (shuffled), and the tensors. A batch is a concatenation of
-# structures with a ``batch`` vector naming the structure of each atom.
-order = rng.permutation(len(frames))
-split = int(0.8 * len(frames))
-train, test = [frames[i] for i in order[:split]], [frames[i] for i in order[split:]]
+# Train/test split in time: the last 20 % of every trajectory is held out. (A random split
+# of snapshots would test on near-copies of training frames: with it the test errors came
+# out lower, 2.8 against 3.5 meV/atom and 53 against 56 meV/A in the full run.) Then the
+# tensors: a batch is a concatenation of structures with a ``batch`` vector naming the
+# structure of each atom.
+held_out = snapshots - int(0.8 * snapshots)
+trajectories = [frames[t * snapshots : (t + 1) * snapshots] for t in range(len(sizes))]
+train = [frame for run in trajectories for frame in run[:-held_out]]
+test = [frame for run in trajectories for frame in run[-held_out:]]
 
 
 def collate(structures):

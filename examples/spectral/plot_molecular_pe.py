@@ -290,7 +290,8 @@ for pe, result in results.items():
     ax_train.plot(epochs_axis, result["train"], marker=".", label=pe)
     ax_val.plot(epochs_axis, result["val"], marker=".", label=pe)
 for ax, title in ((ax_train, "training"), (ax_val, "validation")):
-    ax.axhline(baseline_mae, color="gray", linestyle="--", label="training median")
+    # the training median as a predictor, scored on the test set (a yardstick, not a curve)
+    ax.axhline(baseline_mae, color="gray", linestyle="--", label="median predictor, test MAE")
     ax.set(xlabel="epoch", title=f"{title} MAE", yscale="log")
 ax_train.set_ylabel("MAE of penalized logP")
 ax_val.legend()
@@ -301,20 +302,22 @@ fig.savefig(out / "molecular_pe.png", dpi=120)
 # What to read from it. In the full run (3,200 training molecules, 12 epochs, about
 # 80 s of training on one core) every network beats the trivial predictor (test MAE 1.93)
 # by a factor of three to five, and all curves are still falling at the last epoch: this
-# is a short training run, not a converged benchmark. The test MAEs of seed 0 were about
-# 0.45 (no PE), 0.61 (LapPE + SignNet), 0.38 (SPE) and 0.38 (RWPE). Changing the
-# initialisation seed moves them by up to 0.12: with seeds 0, 1 and 2 the means were
-# 0.41 (no PE), 0.58 (LapPE + SignNet), 0.40 (SPE) and 0.36 (RWPE).
+# is a short training run, not a converged benchmark. The test MAEs of seed 0 with the
+# code of 2026-11-25 were 0.50 (no PE), 0.66 (LapPE + SignNet), 0.38 (SPE) and 0.38
+# (RWPE). Changing the initialisation seed moves them by up to about 0.12 (with an earlier
+# version of the code, the means over seeds 0, 1 and 2 were 0.41 (no PE), 0.58 (LapPE +
+# SignNet), 0.40 (SPE) and 0.36 (RWPE); rerun the seeds before quoting a ranking).
 #
 # So, honestly, at this scale:
 #
-# * **RWPE helps**, consistently (the best of the four for all three seeds). Return
-#   probabilities are a direct signal of the rings a node sits on (``[P^t]_ii`` for small
-#   even and odd ``t``), and ring sizes (the large-ring penalty, the SA score's ring
-#   terms) are what message passing on these atom features cannot count; we did not
-#   check which part of the target the gain comes from.
-# * **SPE is on a par with no PE** (within the seed spread). It costs about four times
-#   the time of the base network per step, for pair features over whole molecules.
+# * **RWPE helps**, consistently (the best of the four for all three seeds in the earlier
+#   version; tied with SPE at seed 0 now). Return probabilities are a direct signal of the
+#   rings a node sits on (``[P^t]_ii`` for small even and odd ``t``), and ring sizes (the
+#   large-ring penalty, the SA score's ring terms) are what message passing on these atom
+#   features cannot count; we did not check which part of the target the gain comes from.
+# * **SPE helps at seed 0** (0.38 against 0.50 without PE), but was within the seed spread
+#   of no PE in the three-seed means of the earlier version. It costs about four times the
+#   time of the base network per step, for pair features over whole molecules.
 # * **LapPE + SignNet hurts** here: its training loss falls more slowly too, so it is an
 #   optimisation effect, not overfitting; SignNet adds a sum over eight eigenvectors to
 #   the atom embedding, and 12 epochs are not enough to make use of it. The published

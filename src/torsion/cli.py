@@ -111,6 +111,12 @@ def _tour(args: argparse.Namespace) -> int:
         f"{os.cpu_count()} CPU cores, {mode} mode: {len(runs) - len(failed)} of {len(runs)} "
         f"examples ran in {seconds:.0f} s.",
     ]
+    if args.quick:
+        header.append(
+            "Quick mode shrinks every problem to check that the examples run: its numbers "
+            "do not support the claims the examples make, which are about the full runs "
+            "(`torsion tour` without `--quick`)."
+        )
     summary = write_summary(results, examples, out, header=header)
     for run in failed:
         print(f"FAILED: examples/{run.path} (exit {run.exit_code}); its log: {run.log}")
