@@ -399,6 +399,10 @@ def test_projx_of_a_rank_deficient_matrix_is_a_point(cls, dtype):
     for x in cases:
         y = manifold.projx(x.to(dtype))
         assert manifold.check_point_on_manifold(y), x
+    # a point geoopt's ProductManifold can view (QR's factor is column-major)
+    product = geoopt.ProductManifold((manifold, (5, 2)), (geoopt.Euclidean(), (3,)))
+    packed = product.projx(torch.randn(2, 13, dtype=torch.float64))
+    assert manifold.check_point_on_manifold(product.take_submanifold_value(packed, 0))
     full = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     u, _, vh = torch.linalg.svd(full, full_matrices=False)
     torch.testing.assert_close(manifold.projx(full), u @ vh, rtol=0, atol=1e-12)

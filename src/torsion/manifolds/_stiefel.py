@@ -130,7 +130,8 @@ def _orthonormal_polar(a: Tensor) -> Tensor:
     of the manifold (not necessarily a closest one) instead of a matrix off it. No rank
     test, so no host synchronisation.
     """
-    return qr_unique(polar(a))[0]
+    # contiguous: QR's factor is column-major, and geoopt's ProductManifold views it
+    return qr_unique(polar(a))[0].contiguous()
 
 
 def _reads_freely(t: Tensor) -> bool:
