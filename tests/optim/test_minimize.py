@@ -210,6 +210,13 @@ def test_callback_sees_every_iterate_and_can_stop_the_run():
     assert result.nit == 3 and not result.success and "callback" in result.message
     torch.testing.assert_close(seen[0].x, problem.x0)
 
+    def vandal(intermediate):  # the point handed to a callback is a copy
+        intermediate.x.mul_(2.0)
+
+    spoiled = minimize(problem.cost, problem.x0, problem.manifold, "cg", callback=vandal)
+    clean = minimize(problem.cost, problem.x0, problem.manifold, "cg")
+    torch.testing.assert_close(spoiled.x, clean.x)
+
 
 def test_max_iter_ends_the_run_unsuccessfully():
     problem = optimization_problems()["brockett-stiefel"]
@@ -276,6 +283,13 @@ def test_geoopt_sphere_and_euclidean(generator):
     spd = a @ a.mT + torch.eye(n, dtype=F64)
     result = minimize(lambda x: 0.5 * x @ spd @ x - b @ x, b, geoopt.Euclidean(ndim=1), tol=1e-10)
     torch.testing.assert_close(result.x, torch.linalg.solve(spd, b))
+    # an isotropic quadratic: the first truncated-CG step solves the model exactly (r = 0);
+    # the inner loop went on and divided by zero
+    x0 = torch.tensor([0.1, -0.2, 0.05], dtype=F64)
+    for method in METHODS:
+        result = minimize(lambda x: (x * x).sum(), x0, geoopt.Euclidean(ndim=1), method, tol=1e-10)
+        assert result.success, (method, result.message)
+        torch.testing.assert_close(result.x, torch.zeros(3, dtype=F64), rtol=0, atol=1e-9)
 
 
 def test_trust_region_needs_a_riemannian_hessian(generator):

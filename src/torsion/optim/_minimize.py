@@ -210,7 +210,7 @@ def minimize(
 
     def result() -> OptimizeResult:
         return OptimizeResult(
-            x=point.x,
+            x=point.x.clone(),  # a callback that edits it must not move the solver's iterate
             fun=history["fun"][-1],
             grad_norm=history["grad_norm"][-1],
             nit=nit,

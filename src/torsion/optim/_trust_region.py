@@ -110,7 +110,10 @@ def truncated_cg(
         eta, h_eta, model_value = new_eta, new_h_eta, new_model
         r, r_r = new_r, new_r_r
         norm_r = math.sqrt(max(r_r, 0.0))
-        if j >= min_inner and norm_r <= norm_r0 * min(norm_r0**theta, kappa):
+        # j counts from 0, Manopt's from 1. An exactly solved model (r = 0, e.g. a
+        # quadratic whose gradient is an eigenvector of the Hessian) stops whatever
+        # min_inner says: there is no residual to continue from (it divided by zero).
+        if norm_r == 0 or (j + 1 >= min_inner and norm_r <= norm_r0 * min(norm_r0**theta, kappa)):
             linear = kappa < norm_r0**theta
             stop = InnerStop.LINEAR_TARGET if linear else InnerStop.SUPERLINEAR_TARGET
             break
