@@ -68,12 +68,33 @@ def polar(a: Tensor) -> Tensor:
                 [0., 1.]], dtype=torch.float64)
     """
     _check_tall(a, "polar")
-    if a.numel() > 0:
-        # the polar factor does not depend on the scale, but a^T a under- or overflows
-        # beyond about 1e-19 / 1e19 in float32 (1e-154 / 1e154 in float64)
-        scale = a.abs().amax(dim=(-2, -1), keepdim=True)
+    gram = a.mT @ a
+    if a.numel() > 0 and not _gram_is_safe(gram):
+        # The polar factor does not depend on the scale, but a^T a under- or overflows
+        # beyond about 1e-19 / 1e19 in float32 (1e-154 / 1e154 in float64): rescale a by
+        # its largest entry. A pass and a copy of a, so only where the Gram matrix shows
+        # the need (always off the CPU and under torch.compile, where reading it costs).
+        scale = torch.linalg.vector_norm(a, ord=float("inf"), dim=(-2, -1), keepdim=True)
         a = a / torch.where(scale > 0, scale, 1.0)
-    return a @ sym_invsqrtm(a.mT @ a)
+        gram = a.mT @ a
+    return a @ sym_invsqrtm(gram)
+
+
+def reads_freely(t: Tensor) -> bool:
+    """Whether a value computed from ``t`` can steer Python control flow at no cost: a
+    non-empty CPU tensor (no device to wait for) outside ``torch.compile`` tracing."""
+    return t.numel() > 0 and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _gram_is_safe(gram: Tensor) -> bool:
+    """Whether ``a^T a`` kept its precision: every column norm squared finite and well above
+    the dtype's smallest normal number (read on the CPU only; elsewhere ``False``). The
+    diagonal bounds the rest, ``|g_ij| <= sqrt(g_ii g_jj)``, and a NaN in ``a`` reaches it."""
+    if not reads_freely(gram):
+        return False
+    info = torch.finfo(gram.dtype)
+    norms = gram.diagonal(dim1=-2, dim2=-1)
+    return bool(((norms > info.tiny / info.eps) & (norms < info.max)).all())
 
 
 def cayley_retraction(x: Tensor, u: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from torsion.linalg import cayley_retraction, matrix_exp, polar, qr_unique
+from torsion.linalg._orthonormal import reads_freely
 from torsion.manifolds._base import Manifold
 from torsion.manifolds._matrix import frobenius_inner, sym
 
@@ -132,12 +133,6 @@ def _orthonormal_polar(a: Tensor) -> Tensor:
     """
     # contiguous: QR's factor is column-major, and geoopt's ProductManifold views it
     return qr_unique(polar(a))[0].contiguous()
-
-
-def _reads_freely(t: Tensor) -> bool:
-    """Whether a value computed from ``t`` can steer Python control flow at no cost: a
-    non-empty CPU tensor (no device to wait for) outside ``torch.compile`` tracing."""
-    return t.numel() > 0 and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _size(size: tuple) -> tuple[int, ...]:
@@ -865,7 +860,7 @@ class Stiefel(_OrthonormalFrames):
             ``x``, ``u``, ``v``: ``(..., n, p)``; outputs: ``(..., n, p)`` each.
         """
         self._validate("retr_transp", {"x": x}, {"u": u, "v": v})
-        if self.retraction == "qr" and step_bound is None and _reads_freely(u):
+        if self.retraction == "qr" and step_bound is None and reads_freely(u):
             step_bound = float(torch.linalg.matrix_norm(u).amax())  # >= every ||u||_2
         if self.retraction == "qr" and step_bound is not None and step_bound <= 1.0:
             y = _cholesky_qf(x + u)
