@@ -63,6 +63,21 @@ def test_polar_does_not_depend_on_the_scale(dtype):
         torch.testing.assert_close(polar(scale * eye), eye)
 
 
+def test_polar_and_the_stiefel_step_run_under_vmap(generator):
+    """Both read a value on the CPU to choose a path (``reads_freely``), which ``vmap``
+    refuses; under ``torch.func`` transforms they take the path that reads nothing."""
+    from torsion.manifolds import Stiefel
+
+    a = torch.randn(4, 7, 3, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(torch.func.vmap(polar)(a), polar(a))
+    stiefel = Stiefel()
+    x = _stiefel_point(7, 3, (4,), generator=generator)
+    u = 0.1 * _tangent(x, generator)
+    step = torch.func.vmap(lambda p, v: stiefel.retr_transp(p, v, v))
+    for mapped, direct in zip(step(x, u), stiefel.retr_transp(x, u, u), strict=True):
+        torch.testing.assert_close(mapped, direct)
+
+
 def test_polar_gradient_is_finite_at_orthonormal_input(generator):
     # Every singular value is 1 here: autograd through an SVD divides by zero.
     x = _stiefel_point(6, 3, generator=generator).requires_grad_()

@@ -82,8 +82,14 @@ def polar(a: Tensor) -> Tensor:
 
 def reads_freely(t: Tensor) -> bool:
     """Whether a value computed from ``t`` can steer Python control flow at no cost: a
-    non-empty CPU tensor (no device to wait for) outside ``torch.compile`` tracing."""
-    return t.numel() > 0 and t.device.type == "cpu" and not torch.compiler.is_compiling()
+    non-empty CPU tensor (no device to wait for) outside ``torch.compile`` tracing and
+    outside ``torch.func`` transforms (``vmap`` refuses data-dependent control flow)."""
+    return (
+        t.numel() > 0
+        and t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
 
 
 def _gram_is_safe(gram: Tensor) -> bool:

@@ -89,17 +89,36 @@ def _asinc_d2(s: Tensor) -> Tensor:
     return torch.where(small, series, closed).to(s.dtype)
 
 
+def _procrustes(m: Tensor) -> Tensor:
+    """The orthogonal polar factor of the square ``m = y^T x``, accurate near singular ``m``.
+
+    :func:`~torsion.linalg.polar` goes through ``m^T m``, whose small eigenvalues
+    ``cos^2 theta`` lose their relative accuracy as the largest principal angle nears
+    ``pi/2``: an error ``eps / cos^2 theta_max`` (4e-4 at ``pi/2 - 1e-7``). The value is
+    therefore the SVD's ``U V^T`` (error ``eps / cos theta_max``), and the derivatives, of
+    every order, are those of ``polar`` (the same function, whose Daleckii-Krein gradient
+    stays finite at repeated singular values, where the SVD's does not): ``polar(m)`` plus
+    the detached difference.
+    """
+    smooth = polar(m)
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd(m)
+        correction = u @ vh - smooth
+    return smooth + correction.detach()
+
+
 def _grassmann_log(x: Tensor, y: Tensor) -> Tensor:
     """``Log_x(span y)`` by the stable formula of Bendokat, Zimmermann & Absil (2020).
 
     Align the representative, ``y* = y polar(y^T x)`` (so ``x^T y*`` is symmetric positive
-    semi-definite: the Procrustes step), then with ``W = (I - x x^T) y* = Q sin(S) R^T``
-    the logarithm is ``Q S R^T = W f(W^T W)``, ``f(s) = arcsin(sqrt(s)) / sqrt(s)``. Using
-    the sines (not ``arctan`` of tangents) keeps small angles accurate; writing the SVD as a
-    spectral function of ``W^T W`` keeps the gradient finite at repeated angles.
+    semi-definite: the Procrustes step, :func:`_procrustes`), then with
+    ``W = (I - x x^T) y* = Q sin(S) R^T`` the logarithm is ``Q S R^T = W f(W^T W)``,
+    ``f(s) = arcsin(sqrt(s)) / sqrt(s)``. Using the sines (not ``arctan`` of tangents)
+    keeps small angles accurate; writing the SVD as a spectral function of ``W^T W`` keeps
+    the gradient finite at repeated angles.
     """
     x, y = torch.broadcast_tensors(x, y)
-    aligned = y @ polar(y.mT @ x)
+    aligned = y @ _procrustes(y.mT @ x)
     w = aligned - x @ (x.mT @ aligned)
     return w @ sym_funcm(w.mT @ w, _asinc, _asinc_d1, _asinc_d2)
 
