@@ -13,7 +13,7 @@ import geoopt
 import pytest
 import torch
 
-from torsion.manifolds import Grassmann
+from torsion.manifolds import Grassmann, trusted_inputs
 from torsion.manifolds._stiefel import Stiefel
 from torsion.testing import ManifoldSuite
 
@@ -406,3 +406,17 @@ def test_projx_of_a_rank_deficient_matrix_is_a_point(cls, dtype):
     full = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     u, _, vh = torch.linalg.svd(full, full_matrices=False)
     torch.testing.assert_close(manifold.projx(full), u @ vh, rtol=0, atol=1e-12)
+
+
+def test_trusted_inputs_skips_type_and_shape_checks_but_not_value_checks():
+    stiefel = Stiefel()
+    wide = torch.randn(2, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="n >= p"):
+        stiefel.proju(wide, wide)
+    with trusted_inputs():
+        stiefel.proju(wide, wide)  # not checked: computed as given
+        off = 2.0 * torch.eye(5, 2, dtype=torch.float64)
+        with pytest.raises(ValueError, match="expects a point"):
+            Stiefel(check=True).proju(off, off)
+    with pytest.raises(ValueError, match="n >= p"):  # the checks are back after the block
+        stiefel.proju(wide, wide)

@@ -27,7 +27,7 @@ from torsion.manifolds import (
     SPDLogEuclidean,
     Stiefel,
 )
-from torsion.optim import RiemannianAdam, RiemannianSGD
+from torsion.optim import Landing, RiemannianAdam, RiemannianSGD
 from torsion.optim import _grouping as grouping
 from torsion.optim._grouping import (
     CPU_BATCH_BYTES,
@@ -305,6 +305,61 @@ def test_chunks_through_the_reused_workspace_equal_one_parameter_at_a_time(optim
     for p, q in zip(a, b, strict=True):
         for key, value in batched.state[p].items():
             torch.testing.assert_close(value, single.state[q][key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [RiemannianSGD, Landing])
+def test_momentum_starts_when_one_parameter_of_a_batch_already_has_a_buffer(make):
+    """Two same-shape parameters, the first with a gradient a step before the second: the
+    batch's one held buffer was stacked as the tensor itself (no batch dimension), which
+    failed to broadcast after scaling the live buffer in place."""
+    g = _gen(4)
+    starts = [_frame((6, 3), g) for _ in range(2)]
+    weights = [torch.randn(6, 3, dtype=F64, generator=g) for _ in range(2)]
+
+    def run(foreach):
+        params = [ManifoldParameter(x.clone(), manifold=Stiefel()) for x in starts]
+        optimizer = make(params, lr=0.1, momentum=0.9, foreach=foreach)
+        for active in (params[:1], params, params):
+            optimizer.zero_grad(set_to_none=True)
+            sum(((p * w) ** 3).sum() for p, w in zip(active, weights, strict=False)).backward()
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    for x, y in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_parameter_of_a_type_or_shape_its_manifold_does_not_take_is_refused():
+    """Steps skip the manifold maps' type and shape checks (``trusted_inputs``), so the
+    optimizer checks each parameter when it is added (geoopt checks only the shape, when
+    the parameter is made)."""
+    half = ManifoldParameter(_frame((5, 2), _gen(0)).half(), manifold=Stiefel())
+    with pytest.raises(TypeError, match=r"RiemannianAdam: parameter 0 on Stiefel.*float16"):
+        RiemannianAdam([half], lr=0.1)
+    wide = ManifoldParameter(_frame((5, 2), _gen(0)), manifold=Stiefel())
+    wide.data = torch.randn(2, 5, dtype=F64)
+    optimizer = RiemannianSGD([nn.Parameter(torch.randn(3))], lr=0.1)
+    with pytest.raises(ValueError, match=r"parameter 0 on Stiefel.*n >= p"):
+        optimizer.add_param_group({"params": [wide]})
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"), [("exp_avg", (6, 2)), ("exp_avg", (1, 3)), ("exp_avg_sq", (3,))]
+)
+def test_state_of_another_shape_is_refused_by_load_state_dict(key, shape):
+    """torch's load_state_dict takes any shape; the next step would fail on it, or
+    broadcast it (a first moment of shape (1, 3))."""
+    param = ManifoldParameter(_frame((6, 3), _gen(0)), manifold=Stiefel())
+    optimizer = RiemannianAdam([param], lr=0.1)
+    param.grad = torch.randn(6, 3, dtype=F64, generator=_gen(1))
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0][key] = torch.zeros(shape, dtype=F64)
+    fresh = RiemannianAdam([param], lr=0.1)
+    with pytest.raises(ValueError, match=rf"state '{key}' of parameter 0 has shape"):
+        fresh.load_state_dict(saved)
+    fresh.load_state_dict(optimizer.state_dict())  # the matching state loads
 
 
 def test_workspace_reuses_one_buffer_per_role_and_shape():

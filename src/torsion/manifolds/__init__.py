@@ -10,7 +10,7 @@ import serves.
 
 from geoopt import Euclidean, ProductManifold, Scaled, Sphere
 
-from torsion.manifolds._base import FrechetMean, Manifold
+from torsion.manifolds._base import FrechetMean, Manifold, trusted_inputs
 from torsion.manifolds._grassmann import Grassmann
 from torsion.manifolds._spd import (
     SPDAffineInvariant,
@@ -35,4 +35,5 @@ __all__ = [
     "Sphere",
     "Stiefel",
     "check_weight_manifold",
+    "trusted_inputs",
 ]

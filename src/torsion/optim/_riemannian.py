@@ -45,7 +45,15 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 
-from torsion.optim._grouping import Batch, Workspace, manifold_key, split_into_batches, write_back
+from torsion.manifolds import Manifold, trusted_inputs
+from torsion.optim._grouping import (
+    Batch,
+    Workspace,
+    manifold_key,
+    manifold_of,
+    split_into_batches,
+    write_back,
+)
 
 __all__ = ["RiemannianAdam", "RiemannianSGD"]
 
@@ -141,6 +149,7 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
         try:
             _check_stabilize(group["stabilize"])
             self._check_group(group)
+            _check_parameter_shapes(type(self).__name__, group["params"])
         except (TypeError, ValueError):
             self.param_groups.pop()  # a refused group is not kept
             raise
@@ -189,18 +198,31 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
             euclidean, batches = self._batches(params, group)
             if euclidean:
                 self._update_euclidean(group, euclidean)
-            for batch in batches:
-                try:
-                    self._update_batch(group, batch)
-                except torch.linalg.LinAlgError as error:
-                    # checked only on failure (no host sync in a normal step): a NaN or Inf
-                    # gradient makes eigh fail with a message that does not say so
-                    _raise_on_non_finite_gradients(type(self).__name__, batch.params, error)
-                    raise
-            group["step"] += 1
-            if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
-                self._stabilize_group(group)
+            # shapes were checked when the parameters were added, the state's when it was
+            # loaded, and a gradient has its parameter's (torch enforces it)
+            with trusted_inputs():
+                for batch in batches:
+                    try:
+                        self._update_batch(group, batch)
+                    except torch.linalg.LinAlgError as error:
+                        # checked only on failure (no host sync in a normal step): a NaN or
+                        # Inf gradient makes eigh fail with a message that does not say so
+                        _raise_on_non_finite_gradients(type(self).__name__, batch.params, error)
+                        raise
+                group["step"] += 1
+                if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
+                    self._stabilize_group(group)
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`torch.optim.Optimizer.load_state_dict`, refusing state whose shapes do not
+        fit the parameters (torch's would load it, and the next step would broadcast it)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for index, param in enumerate(group["params"]):
+                for key, value in self.state.get(param, {}).items():
+                    if key != "step" and isinstance(value, Tensor):
+                        _check_state_shape(type(self).__name__, param, index, key, value)
 
     def _update_euclidean(self, group: dict[str, Any], params: list[Tensor]) -> None:
         raise NotImplementedError
@@ -230,6 +252,31 @@ class _BatchedRiemannianOptimizer(torch.optim.Optimizer):
                 at = points if len(held) == len(batch.params) else points[held]
                 momenta = [self.state[batch.params[i]][key] for i in held]
                 write_back(momenta, batch.manifold.proju(at, self._stack(momenta, key)))
+
+
+def _check_parameter_shapes(owner: str, params: list[Tensor]) -> None:
+    """Raise the manifold's own error for a parameter whose type or shape it does not take
+    (steps trust the shapes: :func:`~torsion.manifolds.trusted_inputs`)."""
+    for index, param in enumerate(params):
+        manifold = manifold_of(param)
+        if isinstance(manifold, Manifold):
+            manifold.check_inputs(f"{owner}: parameter {index} on {manifold.name}", param=param)
+
+
+def _check_state_shape(owner: str, param: Tensor, index: int, key: str, value: Tensor) -> None:
+    """A state tensor is shaped as its parameter, or (second moments of a manifold
+    parameter, one per point or per component) broadcasts to it with as many dimensions."""
+    shape = param.shape
+    if value.shape == shape:
+        return
+    if manifold_of(param) is not None and key in ("exp_avg_sq", "max_exp_avg_sq"):
+        sizes = zip(value.shape, shape, strict=False)
+        if value.dim() == param.dim() and all(a in (1, b) for a, b in sizes):
+            return
+    raise ValueError(
+        f"{owner}.load_state_dict: state {key!r} of parameter {index} has shape "
+        f"{tuple(value.shape)}, which does not fit the parameter's shape {tuple(shape)}"
+    )
 
 
 def _raise_on_non_finite_gradients(owner: str, params: list[Tensor], error: Exception) -> None:
@@ -331,8 +378,8 @@ def _accumulate(
     if len(held) == len(buffers):
         return stack(buffers, "momentum_buffer").mul_(momentum).add_(r, alpha=1 - dampening)
     stacked = r.clone()
-    if held:
-        previous = stack([buffers[i] for i in held], "momentum_buffer")
+    if held:  # a fresh stack (also of one buffer): the rows of r[held]
+        previous = torch.stack([buffers[i] for i in held])
         stacked[held] = previous.mul_(momentum).add_(r[held], alpha=1 - dampening)
     return stacked
 
