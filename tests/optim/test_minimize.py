@@ -411,3 +411,53 @@ def test_a_non_finite_start_is_an_error():
     problem = optimization_problems()["procrustes-stiefel"]
     with pytest.raises(ValueError, match="finite at the starting point"):
         minimize(lambda x: x.sum() * math.nan, problem.x0, problem.manifold)
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "value"),
+    [
+        ("trust-region", "max_iter", math.inf),
+        ("cg", "max_iter", math.nan),
+        ("lbfgs", "memory", math.inf),
+        ("cg", "max_line_evals", math.inf),
+        ("trust-region", "max_inner", math.inf),
+        ("trust-region", "max_inner", -3),
+        ("trust-region", "min_inner", math.nan),
+    ],
+)
+def test_counts_that_are_not_whole_numbers_are_named(method, option, value):
+    """``int(inf)`` raised a bare OverflowError, ``int(nan)`` a ValueError naming no
+    option, and a negative ``max_inner`` was silently taken as 1."""
+    problem = optimization_problems()["procrustes-stiefel"]
+    with pytest.raises(ValueError, match=rf"{option} must be an integer >= \d, got {value}"):
+        minimize(problem.cost, problem.x0, problem.manifold, method, **{option: value})
+
+
+def test_an_infinite_trust_region_radius_is_refused():
+    """With ``radius_max=inf`` (and so ``radius_init = inf / 8``) every boundary step was
+    infinite, every proposal rejected, and the run stayed at x0 until ``max_iter``."""
+    problem = optimization_problems()["procrustes-stiefel"]
+    with pytest.raises(ValueError, match="radius_max < inf"):
+        minimize(problem.cost, problem.x0, problem.manifold, radius_max=math.inf)
+
+
+@pytest.mark.parametrize("manifold", [Stiefel(), Grassmann()])
+def test_trust_region_takes_an_empty_batch(manifold):
+    """The default radius was ``sqrt(p * 0) = 0``, refused before the first stopping test."""
+    x0 = manifold.random(0, 5, 2, dtype=F64)
+    result = minimize(lambda x: (x**2).sum(), x0, manifold)
+    assert result.success and result.nit == 0 and result.x.shape == (0, 5, 2)
+
+
+def test_geoopt_scaled_is_refused_with_the_reason():
+    """Scaled multiplies retraction steps by 1 / scale but not gradients: along a step the
+    cost's slope is off by the scale and its curvature by its square (trust regions took
+    85 iterations at scale 3 where the unscaled problem takes 8)."""
+    problem = optimization_problems()["procrustes-stiefel"]
+    scaled = geoopt.Scaled(problem.manifold, scale=3.0)
+    with pytest.raises(TypeError, match=r"geoopt\.Scaled.*unscaled manifold"):
+        minimize(problem.cost, problem.x0, scaled)
+    product = ProductManifold((scaled, (5, 2)), (Stiefel(), (5, 2)))
+    x0 = torch.cat([problem.x0.reshape(-1)[:10], problem.x0.reshape(-1)[:10]])
+    with pytest.raises(TypeError, match=r"geoopt\.Scaled"):
+        minimize(lambda x: x.sum(), x0, product)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from torsion.optim._linesearch import LINE_SEARCHES, armijo, cost_noise, initial_step, strong_wolfe
-from torsion.optim._objective import Objective, Point
+from torsion.optim._objective import Objective, Point, check_count
 
 __all__ = [
     "BETA_RULES",
@@ -262,8 +262,7 @@ def _options_checked(line_search: str, c1: float, c2: float, max_line_evals: int
         raise ValueError(f"unknown line_search {line_search!r}; expected one of {LINE_SEARCHES}")
     if not 0 < c1 < c2 < 1:
         raise ValueError(f"the line search needs 0 < c1 < c2 < 1, got c1={c1}, c2={c2}")
-    if int(max_line_evals) != max_line_evals or max_line_evals < 1:
-        raise ValueError(f"max_line_evals must be a positive integer, got {max_line_evals!r}")
+    check_count(max_line_evals, "max_line_evals", 1)
 
 
 def steepest_descent(
@@ -328,14 +327,13 @@ def lbfgs(
     max_line_evals: int = 25,
 ) -> Iterator[Point]:
     """Riemannian L-BFGS with ``memory`` transported pairs and the cautious update."""
-    if int(memory) != memory or memory < 1:
-        raise ValueError(f"memory must be a positive integer, got {memory!r}")
+    memory = check_count(memory, "memory", 1)
     _transport_checked(transport)
     _options_checked(line_search, c1, c2, max_line_evals)
     return line_search_descent(
         objective,
         x0,
-        LBFGSDirection(int(memory), bool(cautious), transport),
+        LBFGSDirection(memory, bool(cautious), transport),
         line_search=line_search,
         c1=c1,
         c2=c2,

@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import geoopt
 import torch
 from torch import Tensor
 
 from torsion.optim._descent import conjugate_gradient, lbfgs, steepest_descent
-from torsion.optim._objective import Objective, Point
+from torsion.optim._objective import Objective, Point, check_count
 from torsion.optim._trust_region import trust_region
 
 __all__ = ["METHODS", "OptimizeResult", "minimize"]
@@ -55,6 +56,26 @@ class OptimizeResult:
     history: dict[str, list[float]] = field(repr=False)
 
 
+def _refuse_scaled(manifold) -> None:
+    """``geoopt.Scaled`` (also inside a product) has no consistent model for a solver.
+
+    It multiplies ``retr`` and ``expmap`` steps by ``1 / scale`` but leaves ``inner`` and
+    ``egrad2rgrad`` alone, so the slope along a step is ``scale`` times what the gradient
+    predicts (and the curvature ``scale^2`` times): line searches and trust-region ratios
+    then work against a wrong model. Scaling the metric moves no minimizer.
+    """
+    if isinstance(manifold, geoopt.Scaled):
+        raise TypeError(
+            f"minimize does not take geoopt.Scaled (here of {type(manifold.base).__name__}): it "
+            "rescales retraction steps by 1/scale but not gradients, which breaks the line "
+            "searches' and trust regions' model of the cost; minimize on the unscaled "
+            "manifold, whose minimizers are the same"
+        )
+    if isinstance(manifold, geoopt.ProductManifold):
+        for part in manifold.manifolds:
+            _refuse_scaled(part)
+
+
 def _check_start(x0: object, manifold) -> Tensor:
     """``x0`` detached and copied, after checking it is a floating tensor on ``manifold``.
 
@@ -63,6 +84,7 @@ def _check_start(x0: object, manifold) -> Tensor:
     """
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    _refuse_scaled(manifold)
     if x0.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x0 must be float32 or float64, got {x0.dtype}")
     # A copy (the result never aliases the caller's tensor), as a plain tensor (not a
@@ -199,8 +221,7 @@ def minimize(
     solver = _check_options(method, options)
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"tol must be a non-negative number, got {tol!r}")
-    if int(max_iter) != max_iter or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    max_iter = check_count(max_iter, "max_iter", 0)
     x0 = _check_start(x0, manifold)
     objective = Objective(fun, manifold)
     iterates = solver(objective, x0, **options)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torsion.curvature import GradientGraph, hvp
 from torsion.manifolds import Grassmann, Manifold, Stiefel
 
-__all__ = ["Objective", "Point", "dimension", "typical_distance"]
+__all__ = ["Objective", "Point", "check_count", "dimension", "typical_distance"]
 
 
 class Point(NamedTuple):
@@ -58,6 +58,20 @@ def _checked(value: object) -> Tensor:
     if not value.dtype.is_floating_point:
         raise ValueError(f"fun must return a real floating tensor, got dtype {value.dtype}")
     return value
+
+
+def check_count(value: object, name: str, minimum: int) -> int:
+    """``value`` as an ``int``, if it is a whole number (``10`` or ``10.0``) ``>= minimum``;
+    a ``ValueError`` naming the option otherwise (also for ``inf`` and ``nan``)."""
+    whole = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and int(value) == value
+    )
+    if not whole or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _ehess2rhess(manifold, x: Tensor, egrad: Tensor, ehess: Tensor, u: Tensor) -> Tensor:
@@ -115,7 +129,7 @@ def typical_distance(manifold, x: Tensor) -> float:
     ``sqrt(dim)``: the ``typical_dist`` of Manopt and pymanopt.
     """
     if isinstance(manifold, (Stiefel, Grassmann)):
-        return math.sqrt(x.shape[-1] * _batch_count(x, 2))
+        return math.sqrt(max(x.shape[-1] * _batch_count(x, 2), 1))
     return math.sqrt(max(dimension(manifold, x), 1))
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from torsion.curvature import HVPMethod
-from torsion.optim._objective import Objective, Point, dimension, typical_distance
+from torsion.optim._objective import Objective, Point, check_count, dimension, typical_distance
 
 __all__ = ["InnerStop", "truncated_cg", "trust_region"]
 
@@ -144,15 +144,17 @@ def trust_region(
     dim = dimension(objective.manifold, x0)
     radius_max = typical_distance(objective.manifold, x0) if radius_max is None else radius_max
     radius_init = radius_max / 8 if radius_init is None else radius_init
-    max_inner = dim if max_inner is None else max_inner
+    max_inner = max(dim, 1) if max_inner is None else check_count(max_inner, "max_inner", 1)
+    min_inner = check_count(min_inner, "min_inner", 0)
     if hvp_method is not None and hvp_method not in typing.get_args(HVPMethod):
         raise ValueError(
             f"unknown hvp_method {hvp_method!r}; expected None (graph reuse) or one of "
             f"{typing.get_args(HVPMethod)}"
         )
-    if not 0 < radius_init <= radius_max:
+    if not 0 < radius_init <= radius_max < math.inf:
         raise ValueError(
-            f"trust region needs 0 < radius_init <= radius_max, got {radius_init}, {radius_max}"
+            "trust region needs 0 < radius_init <= radius_max < inf, got "
+            f"{radius_init}, {radius_max}"
         )
     if not (0 < kappa < 1 and 0 < theta < math.inf and 0 <= rho_prime < 0.25):
         raise ValueError(
@@ -172,8 +174,8 @@ def trust_region(
         theta=theta,
         rho_prime=rho_prime,
         rho_regularization=rho_regularization,
-        min_inner=int(min_inner),
-        max_inner=max(int(max_inner), 1),
+        min_inner=min_inner,
+        max_inner=max_inner,
         hvp_method=hvp_method,
     )
 
