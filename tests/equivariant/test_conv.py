@@ -9,7 +9,13 @@ from e3nn.util.test import assert_equivariant
 from torch_geometric.nn import MessagePassing
 
 from tests.equivariant._helpers import BACKENDS, F64, default_float64, e3nn_float64, randn
-from torsion.equivariant import EquivariantConv, Linear, RadialMLP
+from torsion.equivariant import (
+    EquivariantConv,
+    Linear,
+    RadialBasis,
+    RadialMLP,
+    SphericalHarmonics,
+)
 
 IRREPS_IN = "4x0e + 3x1o + 2x2e"
 IRREPS_SH = "0e + 1o + 2e"
@@ -144,6 +150,73 @@ def test_conv_rejects_bad_input(generator):
         _conv(avg_num_neighbors=0.0)
     assert isinstance(conv.linear_in, Linear)
     assert not x.isnan().any()
+
+
+def test_conv_rejects_irreps_that_no_path_reaches():
+    with pytest.raises(ValueError, match=r"no tensor-product path .*'4x0e'.*'1x0e'.*'4x1o'"):
+        EquivariantConv("4x0e", "0e", "4x1o", num_radial=4, radial_hidden=8)
+
+
+# -- self-loops: an edge vector identically 0 --------------------------------------------------
+
+#: Edges 0 <-> 1, 1 <-> 2 and the self-loop 2 -> 2 (edge 2).
+LOOP_EDGES = torch.tensor([[0, 1, 2, 1, 2], [1, 0, 2, 2, 1]])
+
+
+def _lengths(vectors):
+    """``|v|`` with finite derivatives of every order at ``v = 0`` (``Tensor.norm``'s second
+    derivative is NaN there), so that only the harmonics are under test."""
+    squared = vectors.pow(2).sum(-1)
+    nonzero = squared > 0
+    return torch.where(nonzero, torch.where(nonzero, squared, 1.0).sqrt(), 0.0)
+
+
+def _self_loop_energy(dtype, generator):
+    """``pos -> E`` of a conv on spherical harmonics and a radial basis of the edge vectors,
+    and ``pos -> E`` with the self-loop's vector detached: the loop's message does not
+    depend on the positions, so both have the same forces and Hessian."""
+    sh = SphericalHarmonics("0e + 1o + 2e")
+    radial = RadialBasis(4, cutoff=3.0, dtype=dtype)
+    conv = EquivariantConv("2x0e", sh.irreps_out, "2x0e + 1x1o", 4, 4, dtype=dtype)
+    h = randn(generator, 3, 2, dtype=dtype)
+    loop = (LOOP_EDGES[0] == LOOP_EDGES[1])[:, None]
+
+    def energy(pos, detach_loop=False):
+        vectors = pos[LOOP_EDGES[0]] - pos[LOOP_EDGES[1]]
+        if detach_loop:
+            vectors = torch.where(loop, vectors.detach(), vectors)
+        return conv(h, LOOP_EDGES, sh(vectors), radial(_lengths(vectors))).pow(2).sum()
+
+    return energy
+
+
+def _forces(energy, pos, **kwargs):
+    pos = pos.detach().requires_grad_()
+    return -torch.autograd.grad(energy(pos, **kwargs), pos, create_graph=True)[0], pos
+
+
+def test_self_loop_forces_are_those_of_the_detached_loop_in_float32(generator):
+    """e3nn's normalization gave the zero vector a gradient of order 1e12; the loop's two ends (one
+    node) cancelled it only to float32 rounding, which wiped out the node's force."""
+    energy = _self_loop_energy(torch.float32, generator)
+    pos = randn(generator, 3, 3, dtype=torch.float32)
+    live, _ = _forces(energy, pos)
+    detached, _ = _forces(energy, pos, detach_loop=True)
+    torch.testing.assert_close(live, detached)
+
+
+def test_self_loop_hessian_vector_product_is_the_finite_difference_of_forces(generator):
+    """Double backward (force training, Hessians) through a self-loop: e3nn's normalization
+    made it NaN. Oracle: central differences of the forces along ``direction``."""
+    energy = _self_loop_energy(F64, generator)
+    pos, direction = randn(generator, 3, 3), randn(generator, 3, 3)
+    forces, leaf = _forces(energy, pos)
+    (hvp,) = torch.autograd.grad(forces, leaf, direction)
+    eps = 1e-6
+    fd = (_forces(energy, pos + eps * direction)[0] - _forces(energy, pos - eps * direction)[0]) / (
+        2 * eps
+    )
+    torch.testing.assert_close(hvp, fd.detach(), atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """TensorProduct, Linear, Gate, SphericalHarmonics and RadialBasis against e3nn and closed
 forms; equivariance; input validation."""
 
+import dataclasses
 import math
 import random
 
@@ -214,6 +215,23 @@ def test_gate_matches_e3nn_and_is_equivariant(case, generator):
         )
 
 
+@dataclasses.dataclass
+class _Softplus:
+    """A callable that cannot be hashed (``eq=True`` sets ``__hash__`` to ``None``)."""
+
+    beta: float = 2.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.softplus(x, beta=self.beta)
+
+
+def test_gate_takes_an_unhashable_activation_like_e3nn(generator):
+    case = ("2x0e", [_Softplus()], "1x0e", [_Softplus(beta=0.5)], "1x1o")
+    ours, theirs = Gate(*case), e3nn_float64(e3nn_nn.Gate, *case)
+    x = randn(generator, 5, ours.irreps_in.dim)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-12, rtol=1e-12)
+
+
 def test_gate_rejects_bad_input(generator):
     with pytest.raises(ValueError, match="has 3 irreps but irreps_gates '2x0e' has 2"):
         Gate("2x0e", [silu], "2x0e", [sigmoid], "3x1o")
@@ -242,6 +260,23 @@ def test_spherical_harmonics_are_e3nns(normalize, normalization, generator):
         assert_equivariant(
             sh, args_in=[vectors], irreps_in=["1o"], irreps_out=[sh.irreps_out], tolerance=1e-10
         )
+
+
+def test_spherical_harmonics_normalize_like_e3nn_with_finite_derivatives_at_zero(generator):
+    """Away from 0, values and gradients are e3nn's (``normalize=True``); the zero vector (a
+    self-loop's edge vector) gets e3nn's value (``Y^0``, every ``l >= 1`` harmonic 0), and
+    first and second derivatives that are finite (e3nn's are of order 1e12 and NaN) and zero."""
+    sh = SphericalHarmonics("0e + 1o + 2e + 3o")
+    vectors = torch.cat([randn(generator, 8, 3), torch.zeros(1, 3, dtype=F64)]).requires_grad_()
+    ours = sh(vectors)
+    theirs = o3.spherical_harmonics([0, 1, 2, 3], vectors, True, "component")
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    cotangent = randn(generator, *ours.shape)
+    (ours_grad,) = torch.autograd.grad(ours, vectors, cotangent, create_graph=True)
+    (theirs_grad,) = torch.autograd.grad(theirs, vectors, cotangent)
+    torch.testing.assert_close(ours_grad[:-1], theirs_grad[:-1], atol=1e-12, rtol=1e-12)
+    (second,) = torch.autograd.grad(ours_grad[-1].sum(), vectors)
+    assert not ours_grad[-1].any() and not second[-1].any() and second.isfinite().all()
 
 
 def test_spherical_harmonics_reject_bad_input(generator):

@@ -58,17 +58,29 @@ def check_features(x: Any, dim: int, irreps_text: str, owner: str, name: str = "
     return x
 
 
-@functools.lru_cache(maxsize=64)
 def _second_moment_scale(act: Callable[[Tensor], Tensor]) -> float:
-    """e3nn's ``normalize2mom`` constant ``E[act(z)^2]^(-1/2)``, ``z ~ N(0, 1)``, cached.
+    """e3nn's ``normalize2mom`` constant ``E[act(z)^2]^(-1/2)``, ``z ~ N(0, 1)``.
 
-    The same one million float64 samples (seed 0) as e3nn, so the constant is e3nn's; cached
-    because each evaluation costs tens of milliseconds and models build many gates.
+    The same one million float64 samples (seed 0) as e3nn, so the constant is e3nn's. Each
+    evaluation costs tens of milliseconds and models build many gates, so the constant is
+    cached per activation; an activation that cannot be hashed (a dataclass with the
+    default ``eq=True``, say) is evaluated every time, as e3nn always does.
     """
+    try:
+        hash(act)
+    except TypeError:
+        return _evaluate_second_moment_scale(act)
+    return _cached_second_moment_scale(act)
+
+
+def _evaluate_second_moment_scale(act: Callable[[Tensor], Tensor]) -> float:
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(1_000_000, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         return act(z).pow(2).mean().pow(-0.5).item()
+
+
+_cached_second_moment_scale = functools.lru_cache(maxsize=64)(_evaluate_second_moment_scale)
 
 
 class NormalizedActivation(nn.Module):

@@ -150,7 +150,9 @@ class EquivariantConv(MessagePassing):
         device: of the parameters.
 
     Raises:
-        ValueError: for invalid irreps or sizes, or an unknown ``weight_manifold``.
+        ValueError: for invalid irreps or sizes, irreps with no tensor-product path from
+            ``irreps_node_in`` and ``irreps_edge_attr`` to ``irreps_node_out``, or an
+            unknown ``weight_manifold``.
 
     Shapes:
         ``x``: ``(N, irreps_node_in.dim)``; ``edge_index``: ``(2, E)`` (row 0 senders, row 1
@@ -204,6 +206,14 @@ class EquivariantConv(MessagePassing):
         self.descriptor = TPDescriptor.channelwise(
             self.irreps_node_in, self.irreps_edge_attr, filter_irreps_out=self.irreps_node_out
         )
+        if not self.descriptor.paths:
+            products = TPDescriptor.channelwise(self.irreps_node_in, self.irreps_edge_attr)
+            raise ValueError(
+                f"EquivariantConv: no tensor-product path of irreps_node_in "
+                f"'{self.irreps_node_in}' and irreps_edge_attr '{self.irreps_edge_attr}' "
+                f"reaches irreps_node_out '{self.irreps_node_out}' (their products are "
+                f"'{products.irreps_out}')"
+            )
         self.radial = RadialMLP(
             [num_radial, *[radial_hidden] * radial_layers, self.descriptor.weight_numel],
             **factory,

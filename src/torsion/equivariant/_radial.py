@@ -36,6 +36,20 @@ def _sin_over_x(x: Tensor) -> Tensor:
     return torch.where(small, series, torch.sin(safe) / safe)
 
 
+def _unit_vectors(vectors: Tensor) -> Tensor:
+    """``v / |v|``, and ``0`` for ``v = 0``, with finite derivatives of every order.
+
+    ``torch.nn.functional.normalize`` (e3nn's) divides by ``max(|v|, 1e-12)``: at ``v = 0``
+    (a self-loop's edge vector) its derivative is ``1e12`` and its second derivative NaN.
+    The two ``where`` keep the zero vector out of the ``rsqrt`` and give it the constant
+    direction ``0``, so forces and double backward (force training, Hessians) stay exact.
+    """
+    squared_norm = (vectors * vectors).sum(-1, keepdim=True)
+    nonzero = squared_norm > 0
+    inverse_norm = torch.rsqrt(torch.where(nonzero, squared_norm, 1.0))
+    return torch.where(nonzero, vectors * inverse_norm, 0.0)
+
+
 def polynomial_cutoff(r: Tensor, cutoff: float, p: int = 6) -> Tensor:
     """The smooth polynomial envelope of DimeNet (Gasteiger et al. 2020, eq. 8).
 
@@ -156,8 +170,12 @@ class SphericalHarmonics(nn.Module):
         irreps_out: the harmonics to compute, as e3nn takes them: irreps such as
             ``"0e + 1o + 2e"`` (parities must be ``(-1)^l`` for vectors), a list of ``l``, or
             one ``l``.
-        normalize: project the input onto the unit sphere first (default ``True``; zero
-            vectors give zeros instead of NaN).
+        normalize: project the input onto the unit sphere first (default ``True``). A zero
+            vector (a self-loop's edge vector) gets the direction ``0``, as in e3nn: ``Y^0``
+            keeps its constant value and every ``l >= 1`` harmonic is 0, with finite
+            derivatives of every order (zero ones), where e3nn's normalization has a
+            ``1e12`` first and a NaN second derivative. Vectors shorter than ``1e-12``
+            are normalized exactly (e3nn divides them by ``1e-12``).
         normalization: ``"component"`` (default; ``|Y^l|^2 = 2l + 1`` on the sphere, NequIP
             and MACE's choice), ``"norm"`` (``|Y^l| = 1``) or ``"integral"`` (e3nn's default).
 
@@ -183,7 +201,8 @@ class SphericalHarmonics(nn.Module):
                 f"got {normalization!r}"
             )
         try:
-            self.sh = o3.SphericalHarmonics(irreps_out, normalize, normalization)
+            # normalized here (_unit_vectors), not by e3nn: see ``normalize``
+            self.sh = o3.SphericalHarmonics(irreps_out, False, normalization)
         except (ValueError, AssertionError) as error:
             raise ValueError(
                 f"SphericalHarmonics: invalid irreps_out {irreps_out!r}: {error}"
@@ -218,7 +237,7 @@ class SphericalHarmonics(nn.Module):
             raise ValueError(
                 f"SphericalHarmonics: vectors must have shape (..., 3), got {tuple(vectors.shape)}"
             )
-        return self.sh(vectors)
+        return self.sh(_unit_vectors(vectors) if self.normalize else vectors)
 
     def extra_repr(self) -> str:
         return (
