@@ -120,6 +120,17 @@ def _cholesky_qf(a: Tensor) -> Tensor:
     return a @ torch.linalg.solve_triangular(factor, eye, upper=False).mT
 
 
+def _tangent_part(x: Tensor, u: Tensor) -> Tensor:
+    """``u - x sym(x^T u)``, the orthogonal projection onto the tangent space at ``x``.
+
+    Written as ``u - (x (A + A^T)) / 2`` with ``A = x^T u``: the halving is exact, so this
+    equals the textbook form bit for bit in one tensor operation fewer (it runs two or
+    three times in every optimizer step).
+    """
+    xtu = x.mT @ u
+    return torch.sub(u, x @ (xtu + xtu.mT), alpha=0.5)
+
+
 def _orthonormal_polar(a: Tensor) -> Tensor:
     """``polar(a)`` passed through the sign-fixed QR, so that it is orthonormal for every
     ``a`` (``projx``).
@@ -769,14 +780,14 @@ class Stiefel(_OrthonormalFrames):
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         """``u - x sym(x^T u)``: the orthogonal projection onto the tangent space."""
         self._validate("proju", {"x": x}, ambient={"u": u})
-        return u - x @ sym(x.mT @ u)
+        return _tangent_part(x, u)
 
     def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
         """``proju(x, u)`` (Euclidean) or ``u - x u^T x`` (canonical)."""
         self._validate("egrad2rgrad", {"x": x}, ambient={"u": u})
         if self.canonical:
             return u - x @ (u.mT @ x)
-        return u - x @ sym(x.mT @ u)
+        return _tangent_part(x, u)
 
     def projx(self, x: Tensor) -> Tensor:
         """Closest point: the orthogonal polar factor ``x (x^T x)^(-1/2)``; for a
@@ -826,7 +837,7 @@ class Stiefel(_OrthonormalFrames):
     def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """Projection vector transport ``proju(y, v)``: tangent at ``y``, not isometric."""
         self._validate("transp", {"x": x, "y": y}, {"v": v})
-        return v - y @ sym(y.mT @ v)
+        return _tangent_part(y, v)
 
     #: :meth:`retr_transp` takes ``step_bound`` (optimizers that know a bound pass it).
     retr_transp_takes_step_bound = True
@@ -861,12 +872,13 @@ class Stiefel(_OrthonormalFrames):
         """
         self._validate("retr_transp", {"x": x}, {"u": u, "v": v})
         if self.retraction == "qr" and step_bound is None and reads_freely(u):
-            step_bound = float(torch.linalg.matrix_norm(u).amax())  # >= every ||u||_2
+            norms = torch.linalg.matrix_norm(u)  # ||u||_F >= ||u||_2
+            step_bound = float(norms.amax() if norms.dim() else norms)
         if self.retraction == "qr" and step_bound is not None and step_bound <= 1.0:
             y = _cholesky_qf(x + u)
         else:
             y = self.retr(x, u)
-        return y, v - y @ sym(y.mT @ v)
+        return y, _tangent_part(y, v)
 
     # -- second order --------------------------------------------------------------------------
 
