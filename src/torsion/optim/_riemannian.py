@@ -103,9 +103,7 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     )
 
 
-def _adam_scale(
-    steps: list[Tensor], second: Tensor, group: dict[str, Any]
-) -> Tensor | float:
+def _adam_scale(steps: list[Tensor], second: Tensor, group: dict[str, Any]) -> Tensor | float:
     """Adam's step scale ``-lr / (bias_correction1 * (sqrt(v / bias_correction2) + eps))``
     of each point, shaped as the second moments ``v`` (``second``).
 
