@@ -135,6 +135,10 @@ def test_compiled_training_updates_the_running_statistics_in_float64(metric, gen
 def test_bad_input():
     with pytest.raises(ValueError, match="metric"):
         SPDBatchNorm(3, "euclidean")
+    for eps in [-1e-5, float("nan"), float("inf")]:  # an eigh failure or NaN output later
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            SPDBatchNorm(3, "lcm", eps=eps)
+    SPDBatchNorm(3, eps=0)  # eps = 0 (no regularisation) stays allowed
     layer = SPDBatchNorm(3, "lem")  # float32 statistics; a float64 batch changes nothing
     before = copy.deepcopy(layer.state_dict())
     with pytest.raises(TypeError, match=r"float32 statistics but got torch\.float64 input"):

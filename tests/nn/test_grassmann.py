@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tests.nn._spd import F64, random_spd
+from torsion.curvature import hvp
 from torsion.nn import FRMap, OrthMap, ProjMap, ProjPooling, ReOrth
 
 
@@ -61,6 +62,128 @@ def test_orthmap_gradient_finite_with_repeated_top_eigenvalues():
     target = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     (ProjMap()(OrthMap(2)(x)) * target).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def _symmetric(lam, generator):
+    """``Q diag(lam) Q^T`` in float64 with a Haar ``Q``."""
+    q = torch.linalg.qr(torch.randn(len(lam), len(lam), dtype=F64, generator=generator))[0]
+    return (q * torch.tensor(lam, dtype=F64)) @ q.mT
+
+
+def _eigh_top(x, p):
+    """The top-``p`` eigenvectors by plain ``eigh`` autograd: exact away from exact ties."""
+    return torch.linalg.eigh((x + x.mT) / 2)[1][..., -p:]
+
+
+def test_orthmap_second_derivatives_pass_gradgradcheck(generator):
+    x = random_spd(2, n=5, generator=generator, spread=2.0).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a: ProjMap()(OrthMap(2)(a)), (x,))
+
+
+@pytest.mark.parametrize(
+    "lam",
+    [
+        [5.0, 3.0, 2.0, 1.0, 0.5, 0.2],
+        [5.0, 5.0, 5.0, 1.0, 0.5, 0.5],
+        [5.0, 4.0, 4.0, 1.0, 1.0, 0.2],
+    ],
+    ids=["distinct", "tied-top", "tied-inside"],
+)
+@pytest.mark.parametrize("method", ["double_backward", "reverse_over_reverse"])
+def test_orthmap_hessian_vector_product_matches_finite_differences(lam, method, generator):
+    # any function of the subspace (here not through ProjMap) has exact second
+    # derivatives, also where eigenvalues repeat on one side of the cut
+    x = _symmetric(lam, generator)
+    a = torch.randn(6, 6, dtype=F64, generator=generator)
+    metric = a @ a.mT + torch.eye(6, dtype=F64)
+
+    def loss(s):
+        u = OrthMap(3)(s)
+        return torch.logdet(u.mT @ metric @ u)
+
+    def gradient(s):
+        s = s.clone().requires_grad_()
+        return torch.autograd.grad(loss(s), s)[0]
+
+    v = torch.randn(6, 6, dtype=F64, generator=generator)
+    v = v + v.mT
+    h = 1e-6
+    expected = (gradient(x + h * v) - gradient(x - h * v)) / (2 * h)
+    torch.testing.assert_close(hvp(loss, x, v, method=method), expected, rtol=1e-7, atol=1e-7)
+
+
+def test_grassmann_net_hessian_vector_product_matches_finite_differences(generator):
+    net = torch.nn.Sequential(
+        FRMap(6, 5, channels=2), ReOrth(), ProjMap(), ProjPooling(2), OrthMap(2), ProjMap()
+    ).double()
+    x = _frames(4, n=6, p=2, generator=generator)
+    target = torch.randn(4, 1, 5, 5, dtype=F64, generator=generator)
+    weight = net[0].weight.detach()
+
+    def loss(w):
+        return (torch.func.functional_call(net, {"0.weight": w}, (x,)) * target).sum()
+
+    def gradient(w):
+        w = w.clone().requires_grad_()
+        return torch.autograd.grad(loss(w), w)[0]
+
+    v = torch.randn(weight.shape, dtype=F64, generator=generator)
+    h = 1e-6
+    expected = (gradient(weight + h * v) - gradient(weight - h * v)) / (2 * h)
+    torch.testing.assert_close(hvp(loss, weight, v), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "gap"), [(torch.float32, 1e-3), (F64, 1e-6)])
+def test_orthmap_gradient_resolves_near_ties_across_the_cut(dtype, gap, generator):
+    # the subspace is well defined at gaps far above eigh's resolution eps * max|lambda|,
+    # and its derivative 1 / gap has no cancellation: nothing may be dropped there
+    x = _symmetric([1.0, 1.0 - gap, 0.5, 0.1], generator)
+    target = torch.randn(4, 4, dtype=F64, generator=generator)
+    oracle = x.clone().requires_grad_()
+    (ProjMap()(_eigh_top(oracle, 1)) * target).sum().backward()
+    layer = x.to(dtype).requires_grad_()
+    (ProjMap()(OrthMap(1)(layer)) * target.to(dtype)).sum().backward()
+    assert (layer.grad.double() - oracle.grad).norm() < 1e-3 * oracle.grad.norm()
+
+
+def test_orthmap_gradient_with_one_huge_eigenvalue(generator):
+    # ties are judged at eigh's resolution, not relative to the largest eigenvalue alone:
+    # the pair 1e-3, 5e-4 is resolved although 1e3 sits elsewhere in the spectrum
+    x = _symmetric([1e3, 1e-3, 5e-4, 1e-4], generator)
+    target = torch.randn(4, 4, dtype=F64, generator=generator)
+    direction = torch.randn(4, 4, dtype=F64, generator=generator)
+    direction = direction + direction.mT
+
+    def loss(s, top):
+        return (ProjMap()(top(s)) * target).sum()
+
+    oracle = x.clone().requires_grad_()
+    loss(oracle, lambda s: _eigh_top(s, 2)).backward()
+    layer = x.clone().requires_grad_()
+    loss(layer, OrthMap(2)).backward()
+    torch.testing.assert_close(layer.grad, oracle.grad, rtol=1e-9, atol=1e-9)
+    h = 1e-9
+    finite = (loss(x + h * direction, OrthMap(2)) - loss(x - h * direction, OrthMap(2))) / (2 * h)
+    torch.testing.assert_close((layer.grad * direction).sum(), finite, rtol=1e-4, atol=0)
+
+
+def test_orthmap_gradients_under_vmap(generator):
+    x = random_spd(3, n=5, generator=generator, spread=2.0)
+    target = torch.randn(5, 5, dtype=F64, generator=generator)
+
+    def loss(s):
+        return (ProjMap()(OrthMap(2)(s)) * target).sum()
+
+    batched = torch.func.vmap(torch.func.grad(loss))(x)
+    torch.testing.assert_close(batched, torch.stack([torch.func.grad(loss)(s) for s in x]))
+
+
+def test_orthmap_third_derivative_raises(generator):
+    x = random_spd(n=4, generator=generator, spread=2.0).requires_grad_()
+    (grad,) = torch.autograd.grad(ProjMap()(OrthMap(2)(x)).pow(2).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivatives of OrthMap"):
+        torch.autograd.grad(second.sum(), x)
 
 
 def test_grassmann_net_compiles_without_graph_breaks(generator):

@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -136,7 +137,7 @@ class SPDBatchNorm(nn.Module):
         metric: ``"airm"`` (affine-invariant), ``"lem"`` (log-Euclidean) or ``"lcm"``
             (log-Cholesky).
         momentum: of the running statistics.
-        eps: added to the dispersion before the square root.
+        eps: added to the dispersion before the square root; a finite number ``>= 0``.
         karcher_steps: Karcher steps for the ``"airm"`` batch mean, from the
             log-Euclidean mean (exact for commuting batches). The output's Fréchet mean
             equals ``bias`` as far as these steps converge; each costs one batched
@@ -185,6 +186,8 @@ class SPDBatchNorm(nn.Module):
             raise ValueError(f"SPDBatchNorm: n must be a positive int, got {n!r}")
         if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise ValueError(f"SPDBatchNorm: momentum must be in [0, 1], got {momentum!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"SPDBatchNorm: eps must be a finite number >= 0, got {eps!r}")
         if not (isinstance(karcher_steps, int) and karcher_steps >= 0):
             raise ValueError(
                 f"SPDBatchNorm: karcher_steps must be an int >= 0, got {karcher_steps!r}"
