@@ -291,8 +291,10 @@ def _fsdp_on_rank(rank: int, world_size: int) -> dict:
 
     torch.manual_seed(0)  # unlike DDP, FSDP does not broadcast: initialise alike
     model = _SpectralGNN()
-    constrained = {p for p in model.parameters() if isinstance(p, ManifoldParameter)}
-    fully_shard(model, mesh=mesh, ignored_params=constrained)
+    # a list in model order: the ranks all-reduce the gradients one by one, so they must
+    # take them in the same order (a set's order depends on object addresses)
+    constrained = [p for p in model.parameters() if isinstance(p, ManifoldParameter)]
+    fully_shard(model, mesh=mesh, ignored_params=set(constrained))
     optimizer = _optimizer(model)
     for step in range(STEPS):
         inputs, targets = _shard("gnn", step, rank)

@@ -4,7 +4,14 @@ Two gloo processes on the CPU each hold an unequal shard of one data set (rank 0
 of 5 samples, rank 1 two batches of 4 and 5). Every rank's operator must equal the
 operator of the whole data set built in this process, and the probes must return the same
 numbers on both ranks even though each rank seeds its generator differently.
+
+Ranks may also differ by design: select the parameters in different orders, hold an empty
+shard, or monitor on one rank only; and ranks that disagree on the parameters (or hold no
+sample at all) must raise the same error on every rank instead of hanging or summing
+entries of different parameters.
 """
+
+import traceback
 
 import pytest
 import torch
@@ -16,6 +23,7 @@ from torsion.curvature import (
     EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
+    SharpnessMonitor,
     diagonal,
     eigsh,
     spectral_density,
@@ -132,3 +140,166 @@ def test_distributed_true_without_a_process_group_says_so():
     x, y = _data()
     with pytest.raises(RuntimeError, match="init_process_group"):
         HessianOperator(_model(), nn.MSELoss(), (x, y), distributed=True)
+
+
+# ------------------------------------------------------------- ranks that differ by design
+# One spawn runs every part on both ranks (a spawn costs seconds); a part's error is kept
+# as text, so each test reports its own part.
+
+
+def _selection_in_each_ranks_order(rank: int) -> dict:
+    """The same parameters, selected in a different iteration order on each rank (a set's
+    order depends on object addresses, which differ between processes)."""
+    model = _model()
+    tensors = list(model.parameters())
+    params = tensors[::-1] if rank == 0 else set(tensors)
+    op = HessianOperator(model, nn.MSELoss(), _shard(rank), params)
+    names = list(op.unflatten(torch.zeros(op.shape[0], dtype=torch.float64)))
+    return {"names": names, "dense": op.to_dense()}
+
+
+EMPTY_SHARDS = {"no batches": [], "zero samples": (_data()[0][:0], _data()[1][:0])}
+EMPTY_SHARD_OPERATORS = {
+    **OPERATORS,
+    "hessian, graph reuse": lambda *args: HessianOperator(*args, method="graph_reuse"),
+}
+
+
+def _empty_shard_on_rank_1(rank: int) -> dict:
+    """Rank 0 holds all the data as one batch (the graph-reuse path), rank 1 nothing."""
+    dense = {}
+    for form, empty in EMPTY_SHARDS.items():
+        shard = _data() if rank == 0 else empty
+        for name, build in EMPTY_SHARD_OPERATORS.items():
+            dense[name, form] = build(_model(), nn.MSELoss(), shard).to_dense()
+    x, y = _data()
+    x = torch.cat([x, x[:, :1]], dim=1)  # the Stiefel model takes 4 features
+    shard = (x, y) if rank == 0 else (x[:0], y[:0])
+    model = _stiefel_model()
+    riemannian = HessianOperator(model, nn.MSELoss(), shard, riemannian=True)
+    dense["riemannian hessian", "zero samples"] = riemannian.to_dense()
+    # an in-place update (to the same values) makes rank 1 recompute the gradient; rank 0's
+    # graph holds its own, but both must join the gradient's all-reduce again
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0)
+    dense["riemannian hessian", "after an in-place update"] = riemannian.to_dense()
+    return dense
+
+
+def _monitor_on_rank_0_only(rank: int) -> list | None:
+    """Rank 0 monitors the full data alone; rank 1 makes no call at all."""
+    if rank != 0:
+        return None
+    monitor = SharpnessMonitor(_model(), nn.MSELoss(), _data(), tol=1e-10, distributed=False)
+    return monitor().eigenvalues
+
+
+DIFFERING_RANKS = {
+    "selection": _selection_in_each_ranks_order,
+    "empty shard": _empty_shard_on_rank_1,
+    "monitor": _monitor_on_rank_0_only,
+}
+
+
+def _differing_ranks(rank: int, world_size: int) -> dict:
+    results = {}
+    for name, part in DIFFERING_RANKS.items():
+        try:
+            results[name] = part(rank)
+        except Exception:
+            results[name] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def differing_ranks() -> list[dict]:
+    return run_on_ranks(_differing_ranks, timeout=120)
+
+
+def _part(results: list[dict], name: str) -> list:
+    for rank, result in enumerate(results):
+        if isinstance(result[name], str):
+            pytest.fail(f"rank {rank} raised in part {name!r}:\n{result[name]}")
+    return [result[name] for result in results]
+
+
+def test_a_selection_in_each_ranks_order_gives_the_full_data_operator(differing_ranks):
+    expected = HessianOperator(_model(), nn.MSELoss(), _data()).to_dense()
+    names = [n for n, _ in _model().named_parameters()]
+    for rank, result in enumerate(_part(differing_ranks, "selection")):
+        assert result["names"] == names, rank
+        torch.testing.assert_close(result["dense"], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_an_empty_shard_adds_nothing_and_joins_every_collective(differing_ranks):
+    results = _part(differing_ranks, "empty shard")
+    full = {name: build(_model(), nn.MSELoss(), _data()) for name, build in OPERATORS.items()}
+    full["hessian, graph reuse"] = full["hessian"]
+    x, y = _data()
+    x = torch.cat([x, x[:, :1]], dim=1)
+    full["riemannian hessian"] = HessianOperator(
+        _stiefel_model(), nn.MSELoss(), (x, y), riemannian=True
+    )
+    expected = {name: op.to_dense() for name, op in full.items()}
+    for rank, result in enumerate(results):
+        assert len(result) == len(EMPTY_SHARD_OPERATORS) * len(EMPTY_SHARDS) + 2
+        for (name, form), dense in result.items():
+            torch.testing.assert_close(
+                dense, expected[name], rtol=1e-10, atol=1e-12, msg=f"{name}, {form}, r{rank}"
+            )
+
+
+def test_a_monitor_on_one_rank_stays_local(differing_ranks):
+    top = _part(differing_ranks, "monitor")[0]
+    dense = HessianOperator(_model(), nn.MSELoss(), _data()).to_dense()
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(dense)[-1:], rtol=1e-8, atol=0)
+
+
+# ------------------------------------------------------------------ errors on every rank
+
+
+def _layouts_that_differ(rank: int) -> dict:
+    """Each case: rank 0's and rank 1's model, data and selection disagree."""
+    x, y = _data()
+    wider = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    return {
+        "different sizes": (_model(), (x, y), None if rank == 0 else ["2.weight", "2.bias"]),
+        # 0.weight has 12 entries, as 0.bias and 2.weight together: the sizes agree
+        "same size": (_model(), (x, y), ["0.weight"] if rank == 0 else ["0.bias", "2.weight"]),
+        "shapes": (_model() if rank == 0 else wider, (x, y), None),
+        "dtype": (
+            _model() if rank == 0 else _model().float(),
+            (x, y) if rank == 0 else (x.float(), y.float()),
+            None,
+        ),
+        "no sample on any rank": (_model(), [], None),
+    }
+
+
+def _errors_on_rank(rank: int, world_size: int) -> dict:
+    errors = {}
+    for case, (model, data, params) in _layouts_that_differ(rank).items():
+        try:
+            HessianOperator(model, nn.MSELoss(), data, params)
+            errors[case] = None
+        except ValueError as error:
+            errors[case] = str(error)
+    return errors
+
+
+def test_ranks_that_disagree_raise_the_same_error_on_every_rank():
+    # a short timeout: a rank left waiting in a collective fails the test, not the run
+    results = run_on_ranks(_errors_on_rank, timeout=60)
+    named = {
+        "different sizes": ["'0.weight'", "'0.bias'", "not selected"],
+        "same size": ["'0.weight'", "'0.bias'", "'2.weight'"],
+        "shapes": ["'0.weight'", "shape (4, 3)", "shape (5, 3)"],
+        "dtype": ["torch.float64", "torch.float32"],
+        "no sample on any rank": ["empty on every rank"],
+    }
+    for case, fragments in named.items():
+        assert results[0][case] is not None, f"{case}: no error"
+        assert results[0][case] == results[1][case], case
+        for fragment in fragments:
+            assert fragment in results[0][case], (case, results[0][case])

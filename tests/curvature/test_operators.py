@@ -228,12 +228,13 @@ def test_parameter_subset_and_pytrees(generator):
     full = _dense_hessian(model, loss_fn, x, y)
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
-    # the block of the full Hessian for parameters "3.weight", "0.bias"
+    # the block of the full Hessian for parameters "0.bias", "3.weight": the layout takes
+    # the model's order, whatever the order of the selection
     offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist(), strict=False))
     idx = torch.cat(
         [
             torch.arange(offsets[n], offsets[n] + model.get_parameter(n).numel())
-            for n in ["3.weight", "0.bias"]
+            for n in ["0.bias", "3.weight"]
         ]
     )
     expected = full[idx][:, idx]
@@ -253,6 +254,20 @@ def test_parameter_subset_and_pytrees(generator):
     # frozen parameters are excluded by default
     model[0].weight.requires_grad_(False)
     assert HessianOperator(model, loss_fn, (x, y)).shape[0] == sum(sizes) - 15
+
+
+def test_a_selection_is_laid_out_in_model_order(generator):
+    """A set of parameter tensors iterates in an order set by object addresses (it differs
+    from one process to the next); the flat layout follows ``model.named_parameters()``
+    whatever the order of the selection."""
+    model, loss_fn, x, y = _mlp_mse(generator)
+    names = [n for n, _ in model.named_parameters()]
+    full = _dense_hessian(model, loss_fn, x, y)
+    tensors = list(model.parameters())
+    for params in (set(tensors), tensors[::-1], names[::-1]):
+        op = HessianOperator(model, loss_fn, (x, y), params=params)
+        assert list(op.unflatten(torch.zeros(op.shape[0], dtype=F64))) == names
+        torch.testing.assert_close(op.to_dense(), full, atol=1e-10, rtol=0)
 
 
 def test_bad_input(generator):

@@ -51,6 +51,11 @@ class SharpnessMonitor:
             the curvature along the manifold, which is what a Riemannian step feels. Default
             ``False`` (the Euclidean Hessian, manifolds ignored).
         generator: randomness of the first (cold) check.
+        distributed: as in :class:`HessianOperator`. ``None`` (default): under an
+            initialised :mod:`torch.distributed` group of more than one rank, each rank
+            passes its shard of the data and the checks are all-reduced, so every rank must
+            call the monitor (at the same steps); ``False``: check this rank's ``data``
+            alone, e.g. a monitor on rank 0 only, given the full data.
 
     Attributes:
         history: a dict of lists, one entry per check: ``"step"``, ``"eigenvalues"``
@@ -71,6 +76,7 @@ class SharpnessMonitor:
         params: Any = None,
         riemannian: bool = False,
         generator: torch.Generator | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -81,6 +87,7 @@ class SharpnessMonitor:
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.k, self.optimizer, self.tol = every, k, optimizer, tol
         self.params, self.riemannian, self.generator = params, riemannian, generator
+        self.distributed = distributed
         self.history: dict[str, list] = {
             "step": [],
             "eigenvalues": [],
@@ -102,7 +109,12 @@ class SharpnessMonitor:
     def check(self, step: int | None = None) -> EigshResult:
         """Compute the top-``k`` eigenvalues now and append them to :attr:`history`."""
         op = HessianOperator(
-            self.model, self.loss_fn, self.data, self.params, riemannian=self.riemannian
+            self.model,
+            self.loss_fn,
+            self.data,
+            self.params,
+            riemannian=self.riemannian,
+            distributed=self.distributed,
         )
         result = eigsh(
             op, k=self.k, which="LA", tol=self.tol, v0=self._last, generator=self.generator

@@ -21,12 +21,17 @@ parameter name) and share these rules:
   where a graph is cached (single-batch :class:`HessianOperator`): build a new operator
   after changing the parameters.
 * **Distributed.** Under an initialised :mod:`torch.distributed` process group with more
-  than one rank, each rank passes its own shard of the data; the weights become
-  ``n_b / N`` with ``N`` the batch sizes summed over all ranks, and every product is
-  all-reduced (one ``all_reduce`` per product, plus one of the gradient for Riemannian
-  operators), so every rank holds the full-data operator. The probes in
-  :mod:`torsion.curvature` then draw their random vectors on rank 0 and broadcast them,
-  so they return identical results on every rank. Every rank must make the same calls.
+  than one rank, each rank passes its own shard of the data (an empty one too: no
+  batches, or batches of zero samples); the weights become ``n_b / N`` with ``N`` the
+  batch sizes summed over all ranks, and every product is all-reduced (one
+  ``all_reduce`` per product, plus one of the gradient for Riemannian operators). A
+  product on rank ``r`` is therefore ``sum_s H_s v_s``, every rank's shard operator
+  applied to *that rank's* input: it is the full-data product ``H v`` only when ``v`` is
+  the same on every rank. The probes in :mod:`torsion.curvature` draw their random vectors
+  on rank 0 and broadcast them, so they return identical results on every rank; an input
+  of your own to ``@``, ``matvec`` or ``matmat`` must be identical on every rank too
+  (broadcast it). The ranks must select the same parameters (names, shapes, dtype;
+  checked at construction, with one ``all_gather_object``) and make the same calls.
   ``distributed=False`` keeps an operator local to its rank.
 """
 
@@ -81,8 +86,13 @@ def _eval_semantics(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[int]]:
-    """Batches and their sizes ``n_b`` (the length of the targets)."""
+def _as_batches(data: Any, allow_empty: bool) -> tuple[list[tuple[Any, Tensor]], list[int]]:
+    """Batches and their sizes ``n_b`` (the length of the targets).
+
+    With ``allow_empty`` (a distributed operator: one rank's shard may hold no sample) no
+    batches, or batches of zero samples, are accepted, and the empty batches are dropped;
+    the caller checks that the ranks hold some sample together.
+    """
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
         batches = [data]
     elif isinstance(data, Iterable) and not isinstance(data, Tensor):
@@ -91,17 +101,22 @@ def _as_batches(data: Any) -> tuple[list[tuple[Any, Tensor]], list[int]]:
         raise TypeError(
             f"data must be an (inputs, targets) batch or an iterable of batches, got {type(data)}"
         )
-    if not batches:
+    if not batches and not allow_empty:
         raise ValueError("data is empty: need at least one (inputs, targets) batch")
-    sizes = []
+    kept, sizes = [], []
     for i, batch in enumerate(batches):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"batch {i} must be an (inputs, targets) pair, got {type(batch)}")
         targets = batch[1]
-        if not isinstance(targets, Tensor) or targets.ndim == 0 or targets.shape[0] == 0:
+        if not isinstance(targets, Tensor) or targets.ndim == 0:
+            raise ValueError(f"batch {i}: targets must be a tensor with a batch dim")
+        if targets.shape[0] == 0:
+            if allow_empty:
+                continue
             raise ValueError(f"batch {i}: targets must be a tensor with a non-empty batch dim")
+        kept.append(tuple(batch))
         sizes.append(targets.shape[0])
-    return [tuple(b) for b in batches], sizes
+    return kept, sizes
 
 
 def _use_distributed(distributed: bool | None) -> bool:
@@ -118,34 +133,85 @@ def _use_distributed(distributed: bool | None) -> bool:
 
 
 def _select_params(model: nn.Module, params: Any) -> dict[str, nn.Parameter]:
+    """The selected parameters by name, in ``model.named_parameters()`` order.
+
+    The flat layout follows the model, not the caller: a set of tensors (as collected for
+    FSDP's ``ignored_params``) iterates in an order that depends on object addresses, so it
+    would give each process, and each rank of a distributed operator, its own layout.
+    """
     named = dict(model.named_parameters())
     if params is None:
-        selected = {n: p for n, p in named.items() if p.requires_grad}
-    else:
-        if isinstance(params, (str, Tensor)):
-            params = [params]
-        selected = {}
-        by_id = {id(p): n for n, p in named.items()}
-        for item in params:
-            if isinstance(item, str):
-                if item not in named:
-                    raise ValueError(f"parameter {item!r} is not a parameter of the model")
-                selected[item] = named[item]
-            elif isinstance(item, Tensor):
-                if id(item) not in by_id:
-                    raise ValueError(
-                        f"a tensor of shape {tuple(item.shape)} in params is not a parameter "
-                        "of the model"
-                    )
-                selected[by_id[id(item)]] = item
-            else:
-                raise TypeError(f"params must hold names or tensors, got {type(item)}")
+        return _checked_selection({n: p for n, p in named.items() if p.requires_grad})
+    if isinstance(params, (str, Tensor)):
+        params = [params]
+    chosen = set()
+    by_id = {id(p): n for n, p in named.items()}
+    for item in params:
+        if isinstance(item, str):
+            if item not in named:
+                raise ValueError(f"parameter {item!r} is not a parameter of the model")
+            chosen.add(item)
+        elif isinstance(item, Tensor):
+            if id(item) not in by_id:
+                raise ValueError(
+                    f"a tensor of shape {tuple(item.shape)} in params is not a parameter "
+                    "of the model"
+                )
+            chosen.add(by_id[id(item)])
+        else:
+            raise TypeError(f"params must hold names or tensors, got {type(item)}")
+    return _checked_selection({n: p for n, p in named.items() if n in chosen})
+
+
+def _checked_selection(selected: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """``selected``, checked to be non-empty and to share one dtype and device."""
     if not selected:
         raise ValueError("no parameters selected (none requires grad?)")
     dtypes = {(p.dtype, p.device) for p in selected.values()}
     if len(dtypes) != 1:
         raise ValueError(f"selected parameters must share one dtype and device, got {dtypes}")
     return selected
+
+
+def _layout_of(params: dict[str, Tensor]) -> list[tuple[str, str]]:
+    """Each selected parameter's name with its shape and dtype: what the ranks must share."""
+    return [(n, f"shape {tuple(p.shape)}, {p.dtype}") for n, p in params.items()]
+
+
+def _layout_mismatch(layouts: Sequence[list[tuple[str, str]]]) -> str | None:
+    """How the ranks' parameter layouts differ from rank 0's (``None`` when they agree)."""
+    first = dict(layouts[0])
+    differences = []
+    for rank, layout in enumerate(layouts[1:], start=1):
+        if layout == layouts[0]:
+            continue
+        own = dict(layout)
+        differing = [
+            f"{name!r}: {first.get(name, 'not selected')} on rank 0, "
+            f"{own.get(name, 'not selected')} on rank {rank}"
+            for name in dict.fromkeys([*first, *own])
+            if first.get(name) != own.get(name)
+        ]
+        differences += differing or [f"rank {rank} orders the parameters differently"]
+    return "; ".join(differences) or None
+
+
+def _check_same_layout(params: dict[str, Tensor]) -> None:
+    """Raise on every rank when the ranks flatten different parameters.
+
+    A product is all-reduced entry by entry, so ranks with different layouts would add up
+    entries of different parameters (silently, when the sizes agree) or fail inside the
+    backend. One ``all_gather_object`` at construction lets every rank see every layout and
+    raise the same error.
+    """
+    layouts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(layouts, _layout_of(params))
+    mismatch = _layout_mismatch(layouts)
+    if mismatch is not None:
+        raise ValueError(
+            "a distributed operator needs the same parameters (names, shapes, dtype) on "
+            f"every rank: {mismatch}"
+        )
 
 
 def _call_args(inputs: Any) -> tuple:
@@ -180,8 +246,12 @@ class _ModelOperator(LinearOperator):
             symmetric=True,
         )
         self.distributed = _use_distributed(distributed)
-        self._batches, sizes = _as_batches(data)
+        if self.distributed:
+            _check_same_layout(self._params)
+        self._batches, sizes = _as_batches(data, allow_empty=self.distributed)
         self._total = self._all_reduce(torch.tensor(sum(sizes), device=self.device)).item()
+        if self._total == 0:  # only reached by a distributed operator: raised on every rank
+            raise ValueError("data is empty on every rank: need at least one sample in all")
         self._weights = [size / self._total for size in sizes]
 
     def _all_reduce(self, x: Tensor) -> Tensor:
@@ -236,8 +306,9 @@ class HessianOperator(_ModelOperator):
         model: the network (never modified; see the module notes on eval semantics).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean loss of a batch.
         data: one ``(inputs, targets)`` batch or an iterable of batches.
-        params: ``None`` (all parameters with ``requires_grad``), or a list of parameter
-            names or of parameter tensors of ``model``.
+        params: ``None`` (all parameters with ``requires_grad``), or an iterable (a
+            list, a set) of parameter names or of parameter tensors of ``model``. The flat
+            layout follows ``model.named_parameters()``, whatever the order of ``params``.
         riemannian: for selected parameters with a ``manifold`` attribute (e.g.
             ``geoopt.ManifoldParameter``) satisfying
             :class:`~torsion.curvature._linop.TangentSpace`, give the Riemannian Hessian
@@ -263,8 +334,9 @@ class HessianOperator(_ModelOperator):
         keyed by parameter name.
 
     Raises:
-        ValueError: empty data, parameters not in the model, non-scalar loss (at the first
-            product), unknown method.
+        ValueError: empty data (on every rank, for a distributed operator), parameters not
+            in the model, ranks selecting different parameters (raised on every rank),
+            non-scalar loss (at the first product), unknown method.
         RuntimeError: ``distributed=True`` without an initialised process group.
         TypeError: ``riemannian=True`` and a parameter's manifold lacks ``proju`` or
             ``ehess2rhess``.
@@ -316,14 +388,14 @@ class HessianOperator(_ModelOperator):
         no eval-mode switch (the graph was recorded in eval mode; a backward runs no
         module code), one copy of the block (:meth:`GradientGraph.hvp_flat`).
         """
-        if self.method == "graph_reuse":
+        if self.method == "graph_reuse" and self._batches:
             if self._graph is None:
                 with _eval_semantics(self._model):
                     f = self._loss_fn_of_params(self._batches[0])
                     self._graph = GradientGraph(f, self._params)
             return self._all_reduce(self._scaled(self._graph.hvp_flat(V)))
         tree = self.unflatten(V)
-        local = 0
+        local = torch.zeros_like(V)  # also a rank's share without batches
         with _eval_semantics(self._model):
             for batch, w in zip(self._batches, self._weights, strict=True):
                 f = self._loss_fn_of_params(batch)
@@ -344,10 +416,13 @@ class HessianOperator(_ModelOperator):
 
     def _gradient(self) -> dict[str, Tensor]:
         """The full-data gradient at the current parameter values: recomputed when a
-        parameter was modified in place since the last one (an optimizer step), except on
-        the graph-reuse path, whose graph holds the values it was recorded at."""
+        parameter was modified in place since the last one (an optimizer step). The
+        graph-reuse path reads it from its graph, which holds the values it was recorded
+        at, but still all-reduces it anew, so that the ranks of a distributed operator join
+        the same collectives whichever path each takes (a rank without data has no graph).
+        """
         versions = tuple(p._version for p in self._params.values())
-        if self._graph is None and versions != self._egrad_versions:
+        if versions != self._egrad_versions:
             self._egrad = None
         if self._egrad is None:
             self._egrad_versions = versions
@@ -355,7 +430,7 @@ class HessianOperator(_ModelOperator):
                 if self._graph is not None:
                     local = self._scaled(self.flatten(self._graph.gradient))
                 else:
-                    local = 0
+                    local = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
                     for batch, w in zip(self._batches, self._weights, strict=True):
                         g = autograd_gradient(self._loss_fn_of_params(batch), self._params)
                         local = local + w * self.flatten(g)
