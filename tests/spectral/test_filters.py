@@ -380,6 +380,25 @@ def test_empty_graph(name):
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FILTERS))
+def test_cached_operator_refuses_a_graph_of_another_size(name, generator):
+    """The cache of a graph of 11 nodes applied to 7 failed inside the sparse product,
+    with a shape error that did not name the cache."""
+    edge_index, weight, n = _graph(generator)
+    conv = ALL_FILTERS[name](3).double()
+    conv.cached = True
+    conv(torch.randn(n, C, generator=generator, dtype=DTYPE), edge_index, weight)
+    small, small_weight, m = _graph(generator, n=7)
+    x = torch.randn(m, C, generator=generator, dtype=DTYPE)
+    with pytest.raises(ValueError, match="cached=True"):
+        conv(x, small, small_weight)
+    with pytest.raises(ValueError, match="cached=True"):  # whatever the dtype
+        conv(x.float(), small, small_weight.float())
+    fresh = ALL_FILTERS[name](3).double()
+    fresh.load_state_dict(conv.state_dict())
+    assert fresh(x, small, small_weight).shape == (m, C)  # the graph itself is fine
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FILTERS))
 def test_input_not_modified_and_cached_operator(name, generator):
     edge_index, weight, n = _graph(generator)
     conv = ALL_FILTERS[name](3).double()

@@ -6,6 +6,7 @@ import doctest
 import itertools
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -511,6 +512,32 @@ def test_eigenvalues_are_differentiable_in_the_edge_weights(normalization, gener
         assert torch.autograd.gradcheck(fn, (start.clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("normalization", [None, "sym", "rw"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_eigenvectors_are_differentiable_on_graphs_of_several_components(normalization, batched):
+    """A weighted path and two isolated nodes (3 components, simple non-null spectrum):
+    the null vectors all moved to one eigenvalue, whose zero gaps made eigh's backward
+    divide 0 by 0, so the gradient of any eigenvector was NaN."""
+    edges = torch.tensor([[0, 1, 2, 1, 2, 3], [1, 2, 3, 0, 1, 2]])
+    n = 6
+    batch = torch.zeros(n, dtype=torch.long) if batched else None
+
+    def loss(w):
+        eig = laplacian_eigs(
+            edges,
+            n,
+            2,
+            normalization,
+            batch=batch,
+            edge_weight=torch.cat([w, w]),
+            skip_null_space=True,
+        )
+        return (eig.eigenvectors**4).sum(0)  # sign-invariant, one per eigenvector
+
+    w = torch.tensor([0.7, 1.3, 0.9], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (w,))
+
+
 @pytest.mark.parametrize("method", ["auto", "chebyshev", "lobpcg", "arpack", "shift_invert"])
 def test_iterative_solvers_refuse_weights_that_need_a_gradient(method, large_graph):
     # they used to crash in SciPy (arpack, shift_invert) or record autograd through every
@@ -579,6 +606,44 @@ def test_iterative_methods_find_both_copies_of_repeated_eigenvalues(method, squa
     assert eigenspace_mismatch(eig.eigenvalues, eig.eigenvectors, ref_values, ref_vectors) < 1e-6
 
 
+def spider(legs: int, length: int) -> tuple[torch.Tensor, int]:
+    """Paths of ``length`` nodes hanging from one centre: the antisymmetric combinations of
+    the legs give each leg eigenvalue ``legs - 1`` copies."""
+    pairs = [
+        (0 if step == 0 else 1 + leg * length + step - 1, 1 + leg * length + step)
+        for leg in range(legs)
+        for step in range(length)
+    ]
+    edges = torch.tensor(pairs).T
+    return torch.cat([edges, edges.flip(0)], 1), 1 + legs * length
+
+
+def disjoint_cycles(count: int, length: int) -> tuple[torch.Tensor, int]:
+    """``count`` copies of a cycle: every eigenvalue ``2 count`` times (0 and 2: ``count``)."""
+    edges = torch.cat([cycle(length) + length * j for j in range(count)], 1)
+    return edges, count * length
+
+
+@pytest.mark.parametrize("graph", ["spider", "cycles"])
+@pytest.mark.parametrize("normalization", [None, "sym"])
+@pytest.mark.parametrize("method", ("auto", *METHODS))
+def test_eigenvalues_of_high_multiplicity_are_all_found(graph, normalization, method):
+    """Single-vector Lanczos sees one direction per eigenspace: ARPACK returned 1 (plain)
+    or 5 (shift-invert) of the 7 copies of the spider's first eigenvalue, and larger
+    eigenvalues in place of the others, with tiny residuals and no warning. ``auto`` sends
+    the spider (481 nodes, 120 hops across) to shift-invert."""
+    edges, n = spider(8, 60) if graph == "spider" else disjoint_cycles(10, 30)
+    c = 1 if graph == "spider" else 10
+    k = 10
+    values, vectors = reference(edges, n, normalization)
+    assert values[c + 1] - values[c] < 1e-12  # the first non-zero eigenvalue is repeated
+    eig = laplacian_eigs(
+        edges, n, k, normalization, method, dtype=F64, skip_null_space=True, tol=1e-9
+    )
+    torch.testing.assert_close(eig.eigenvalues, values[c : c + k], rtol=0, atol=1e-10)
+    assert eigenspace_mismatch(eig.eigenvalues, eig.eigenvectors, values, vectors) < 1e-5
+
+
 def test_chebyshev_default_tolerance_float32_filter(large_graph):
     edges, n, ref_values, _ = large_graph
     eig = laplacian_eigs(edges, n, 12, method="chebyshev", skip_null_space=True)
@@ -630,8 +695,8 @@ def test_scipy_solvers_run_blas_on_one_thread(monkeypatch, method):
     seen = []
     original = eigensolvers._deflate_numpy
 
-    def spying_deflate(problem):
-        deflate = original(problem)
+    def spying_deflate(problem, locked=None):
+        deflate = original(problem, locked)
 
         def wrapped(v):
             seen.extend(
@@ -670,6 +735,38 @@ def test_non_convergence_warns_and_still_returns_every_pair(method, large_graph)
     assert worst > 0
     message = str(caught[0].message)
     assert "inf" not in message.split("residual")[1][:12]
+
+
+@pytest.mark.parametrize("method", ["chebyshev", "lobpcg"])
+@pytest.mark.parametrize("max_iter", [1, 2])
+def test_block_solvers_stopped_early_return_their_ritz_pairs(method, max_iter, large_graph):
+    """At max_iter the block solvers returned the Ritz values of one block with the
+    vectors of the next (filtered or expanded, not yet rotated): pairs whose eigenvalues
+    were not the vectors' Rayleigh quotients, worse than the warning said."""
+    edges, n, _, _ = large_graph
+    with pytest.warns(RuntimeWarning, match="largest residual") as caught:
+        eig = laplacian_eigs(edges, n, 8, method=method, max_iter=max_iter, dtype=F64)
+    warned = float(str(caught[0].message).split("largest residual ")[1].split()[0])
+    lap = dense_laplacian(edges, n, normalization="sym")
+    v, lam = eig.eigenvectors, eig.eigenvalues
+    rayleigh = torch.einsum("ik,ij,jk->k", v, lap, v)
+    torch.testing.assert_close(lam, rayleigh, rtol=0, atol=1e-12)
+    residuals = (lap @ v - v * lam).norm(dim=0)
+    assert residuals.max() <= warned * 1.01  # the warning rounds to 3 digits
+
+
+@pytest.mark.parametrize("method", ["chebyshev", "lobpcg"])
+def test_float32_weights_give_a_float64_problem(method, large_graph, generator):
+    """The iterative problem is float64 whatever the weights: its values, degrees and
+    null vectors were rounded to float32 first, and tol=1e-9 was out of reach."""
+    edges, n, _, _ = large_graph
+    weight = symmetric_weights(edges, generator).float()
+    values = torch.linalg.eigvalsh(dense_laplacian(edges, n, weight.double(), "sym"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # converges
+        eig = laplacian_eigs(edges, n, 6, method=method, edge_weight=weight, tol=1e-9)
+    assert eig.eigenvalues.dtype == torch.float32
+    torch.testing.assert_close(eig.eigenvalues.double(), values[:6], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -713,6 +810,7 @@ def test_component_roots_device_algorithm_matches_scipy(generator):
         ({"normalization": "l2"}, ValueError, "normalization"),
         ({"tol": 0.0}, ValueError, "tol"),
         ({"tol": float("nan")}, ValueError, "tol"),
+        ({"max_iter": 0}, ValueError, "max_iter"),
         ({"edge_index": torch.tensor([[0, 1], [1, 2]])}, ValueError, "undirected"),
         ({"edge_index": cycle(4), "edge_weight": torch.arange(1.0, 9.0)}, ValueError, "undirected"),
         ({"batch": torch.tensor([1, 0, 0, 1])}, ValueError, "sorted"),

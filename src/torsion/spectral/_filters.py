@@ -444,14 +444,21 @@ class _PolynomialFilter(MessagePassing, abc.ABC):
         values need a gradient (they then belong to this call's graph); a compiled call
         reads the cache but does not fill it. The cache is of one dtype and device: an input
         of another (after ``.double()`` or ``.to(device)``, which do not see a plain
-        attribute) rebuilds it."""
+        attribute) rebuilds it. It is reused for any graph of its number of nodes, as
+        PyG's cached layers do; one of another number raises (it failed inside the
+        product, with an error that did not name the cache)."""
         cached = self._cached_operator
-        if cached is not None and (cached.values.dtype, cached.values.device) == (
-            x.dtype,
-            x.device,
-        ):
-            return cached
         n = x.size(0)
+        if cached is not None:
+            cached_nodes = cached.crow.numel() - 1
+            if cached_nodes != n:
+                raise ValueError(
+                    f"{type(self).__name__}: cached=True keeps the operator of the graph of "
+                    f"the first call ({cached_nodes} nodes), but x has {n} rows; cached=True "
+                    "is for one fixed graph (transductive use), pass cached=False for others"
+                )
+            if (cached.values.dtype, cached.values.device) == (x.dtype, x.device):
+                return cached
         index, weight = _normalized_edges(
             edge_index, edge_weight, n, self.add_self_loops, x.dtype, self._operator_scale
         )
@@ -489,7 +496,8 @@ class GPRConv(_PolynomialFilter):
         alpha: teleport probability of the PageRank initialisation, in ``(0, 1]``.
             Default 0.1.
         add_self_loops: use ``A + I`` (default ``True``).
-        cached: keep the normalized operator of the first call (transductive use only).
+        cached: keep the normalized operator of the first call (transductive use only:
+            later calls reuse it whatever their graph, and raise on another node count).
         check: validate edge indices and weights: ``None`` (default) in eager mode on
             the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
             never.
@@ -558,7 +566,8 @@ class BernConv(_PolynomialFilter):
     Args:
         K: polynomial degree, ``>= 0``. Default 10.
         add_self_loops: build ``L`` from ``A + I`` (default ``False``, as in the paper).
-        cached: keep the normalized operator of the first call (transductive use only).
+        cached: keep the normalized operator of the first call (transductive use only:
+            later calls reuse it whatever their graph, and raise on another node count).
         check: validate edge indices and weights: ``None`` (default) in eager mode on
             the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
             never.
@@ -624,7 +633,8 @@ class ChebIIConv(_PolynomialFilter):
     Args:
         K: polynomial degree, ``>= 0``. Default 10.
         add_self_loops: build ``L`` from ``A + I`` (default ``False``, as in the paper).
-        cached: keep the normalized operator of the first call (transductive use only).
+        cached: keep the normalized operator of the first call (transductive use only:
+            later calls reuse it whatever their graph, and raise on another node count).
         check: validate edge indices and weights: ``None`` (default) in eager mode on
             the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
             never.
@@ -702,7 +712,8 @@ class JacobiConv(_PolynomialFilter):
         a, b: Jacobi parameters, both ``> -1``. Default 1.0 and 1.0.
         alpha: scale of the coefficient decomposition, ``> 0``. Default 1.0.
         add_self_loops: use ``A + I`` (default ``False``, as in the paper).
-        cached: keep the normalized operator of the first call (transductive use only).
+        cached: keep the normalized operator of the first call (transductive use only:
+            later calls reuse it whatever their graph, and raise on another node count).
         check: validate edge indices and weights: ``None`` (default) in eager mode on
             the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
             never.
@@ -814,7 +825,8 @@ class OptBasisConv(_PolynomialFilter):
         K: polynomial degree, ``>= 0``. Default 10.
         basis: ``"optimal"`` (default) or ``"favard"``.
         add_self_loops: use ``A + I`` (default ``False``, as in the paper).
-        cached: keep the normalized operator of the first call (transductive use only).
+        cached: keep the normalized operator of the first call (transductive use only:
+            later calls reuse it whatever their graph, and raise on another node count).
         check: validate edge indices and weights: ``None`` (default) in eager mode on
             the CPU (no device sync there), ``True`` on every call (host syncs), ``False``
             never.

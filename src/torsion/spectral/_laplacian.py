@@ -433,13 +433,19 @@ def _components(
         local = rank[roots] - first[batch] if n > 0 else nodes
         count = torch.zeros(ptr.numel() - 1, dtype=torch.long, device=roots.device)
         count.index_add_(0, batch, is_root.long())
-    # null vector of a component: D~^1/2 1_C normalized (sym / rw), 1_C normalized (None)
+    return _Components(local, count, _unit_null_vectors(degree, roots, normalization))
+
+
+def _unit_null_vectors(degree: Tensor, groups: Tensor, normalization: Normalization) -> Tensor:
+    """The entries of the unit null vectors of the symmetric problem: ``D~^1/2 1_C`` (sym
+    and rw; isolated nodes count ``d = 1``) or ``1_C`` (None), normalized over each
+    component ``C``, the nodes of one value of ``groups`` (values in ``[0, n)``)."""
     if normalization is None:
-        u = torch.ones(n, dtype=degree.dtype, device=roots.device)
+        u = torch.ones_like(degree)
     else:
         u = torch.where(degree > 0, degree, 1.0).sqrt()
-    mass = torch.zeros(n, dtype=u.dtype, device=u.device).index_add_(0, roots, u * u)
-    return _Components(local, count, u / mass[roots].sqrt())
+    mass = torch.zeros_like(u).index_add_(0, groups, u * u)
+    return u / mass[groups].sqrt()
 
 
 # torch's CUDA eigh solves a batch of matrices of at most 32 rows in one call (cuSOLVER's
@@ -464,13 +470,25 @@ def _batched_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _deflated_eigh(
-    m: Tensor, labels: Tensor, weights: Tensor, width: int, bound: Tensor
+    m: Tensor, labels: Tensor, weights: Tensor, count: Tensor, bound: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``eigh`` of ``M + (bound + 1) Z Z^T`` for ``(b, s, s)`` matrices, ``Z`` the unit null
-    vectors of each graph's components (``labels``, ``weights``: ``(b, s)``; ``width``
-    columns, at least the most components of a graph): the null space moves above the
-    spectrum (``bound`` ``(b,)`` bounds it), so the non-null pairs come first, exactly."""
-    scaled = weights * (bound + 1.0).sqrt()[:, None]
+    """``eigh`` of ``M + sum_j s_j z_j z_j^T`` for ``(b, s, s)`` matrices, ``z_j`` the unit
+    null vector of component ``j`` of each graph (``labels``, ``weights``: ``(b, s)``;
+    ``count`` ``(b,)`` components per graph) and ``s_j = bound + 1 + j / count``: the null
+    space moves above the spectrum (``bound`` ``(b,)`` bounds it), so the non-null pairs
+    come first, exactly.
+
+    The shifts are distinct: with one shift for all, ``eigh``'s backward divided by the
+    zero gaps between the null copies (0 / 0, NaN gradients on every graph of two or more
+    components, although only non-null pairs are used). They stay below ``bound + 2``,
+    so the matrix's norm does not grow with the number of components (shifts
+    ``bound + 1 + j`` made the float32 eigenvalues of a graph of 101 components 5x less
+    accurate).
+    """
+    dtype = m.dtype
+    shift = bound[:, None] + 1.0 + labels.to(dtype) / count.to(dtype)[:, None]
+    scaled = weights * shift.sqrt()
+    width = int(count.max())
     z = (labels[:, :, None] == torch.arange(width, device=m.device)) * scaled[:, :, None]
     # not baddbmm: its fused multiply-add rounds differently from the one-graph route's
     # m + z @ z.T (each entry of z z^T is one product: a row of z has one non-zero), and
@@ -517,6 +535,12 @@ def laplacian_eigs(
       eigenvalues are tiny, and very slow on small-world graphs, whose LU factors fill in.
     * ``"arpack"``: plain ARPACK Lanczos (SciPy, CPU) with a start vector from
       ``generator`` and ``ncv = max(2k + 1, k + 32)``.
+
+      Lanczos from one start vector sees one direction of each eigenspace and can miss
+      copies of a repeated eigenvalue; both ARPACK methods check their result with one
+      more run for the smallest eigenvalue outside the span of what they found, and when
+      it lies below the ``k``-th, solve again by block LOBPCG (preconditioned by the LU
+      with ``"shift_invert"``).
     * ``"lobpcg"``: block LOBPCG on the input device (no preconditioner).
     * ``"auto"``: dense for graphs of at most 384 nodes (320 on one CPU thread); larger
       graphs use ``"shift_invert"`` on the CPU when a breadth-first search finds the
@@ -562,10 +586,12 @@ def laplacian_eigs(
             runs in float64. The dense path is exact to rounding.
         generator: draws the start vectors of the iterative methods; ``None`` uses a
             fixed seed, so results are reproducible either way.
-        dtype: of the results: that of ``edge_weight``, else the default dtype. The dense
-            path computes in it; the iterative ones in float64 (filters in float32).
-        max_iter: iteration cap of the iterative methods (in their own unit); a
-            ``RuntimeWarning`` reports a solver that stops before ``tol``.
+        dtype: of the results; ``None`` (default): that of ``edge_weight``, else the
+            default dtype. The dense path computes in it; the iterative ones in float64
+            from the weights as given (filters in float32).
+        max_iter: iteration cap of the iterative methods (in their own unit), ``>= 1``; a
+            ``RuntimeWarning`` reports a solver that stops before ``tol`` (the block
+            solvers return their last Ritz pairs).
         num_graphs: ``B`` with ``batch`` (default ``batch.max() + 1``; larger values add
             empty graphs at the end, as in a PyG ``Batch`` whose last graphs have no
             nodes).
@@ -601,6 +627,10 @@ def laplacian_eigs(
         tol = _DEFAULT_TOL
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"{name}: tol must be a positive finite number, got {tol!r}")
+    if max_iter is not None and (
+        isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
+    ):
+        raise ValueError(f"{name}: max_iter must be None or an int >= 1, got {max_iter!r}")
     dtype = _resolve_dtype(edge_weight, dtype, name)
     dense_max = _dense_max_nodes(edge_index.device)
     dense = method == "dense" or (method == "auto" and num_nodes <= dense_max)
@@ -717,7 +747,8 @@ def _one_dense_graph(
         m = a * -inv[:, None] * inv
         m[np.diag_indices(n)] += degree > 0
         bound = 2.0
-    z = (labels[:, None] == np.arange(c)) * (null * math.sqrt(bound + 1.0))[:, None]
+    shift = real(bound + 1.0) + labels.astype(real) / real(c)  # _deflated_eigh's, op for op
+    z = (labels[:, None] == np.arange(c)) * (null * np.sqrt(shift))[:, None]
     # _deflated_eigh (the null space moves up), solved by torch's eigh: the batched
     # route's LAPACK on the same matrix, bit for bit, so a repeated eigenvalue gets the
     # same basis graph by graph as in a batch (NumPy's LAPACK gave another one)
@@ -840,8 +871,8 @@ def _dense_eigs(
     """One batched ``eigh`` per group of same-size graphs; writes into ``out``.
 
     Each graph's symmetric matrix is assembled densely from its (normalized) edges; its
-    null space, spanned by the known component vectors ``Z``, is moved above the
-    spectrum (``M + (bound + 1) Z Z^T``) so that the non-null pairs come first in
+    null space, spanned by the known component vectors, is moved above the spectrum
+    (:func:`_deflated_eigh`) so that the non-null pairs come first in
     ``eigh``'s ascending order, exactly.
     """
     device, dtype = graph.degree.device, graph.degree.dtype
@@ -871,7 +902,7 @@ def _dense_eigs(
         labels = comps.local[nodes]
         weights = comps.null_weights[nodes]
         count = comps.count[members]
-        theta, v = _deflated_eigh(m, labels, weights, int(count.max()), bound)
+        theta, v = _deflated_eigh(m, labels, weights, count, bound)
         _assemble(
             theta,
             v,
@@ -918,7 +949,6 @@ def _sparse_eigs(
         row, col, w = graph.row, graph.col, graph.weight
     degree = graph.degree[start:stop]
     labels = comps.local[start:stop]
-    weights = comps.null_weights[start:stop]
     c = int(comps.count[g])
     nev = min(k if skip else max(k - c, 0), n - c)
     # isolated nodes have zero rows and columns: they are their own null vectors and are
@@ -931,17 +961,23 @@ def _sparse_eigs(
         # a node of degree 0 can still have edges, of weight 0: they go with it
         inside = (row >= 0) & (col >= 0)
         row, col, w = row[inside], col[inside], w[inside]
-    sub_degree = degree[kept]
+    # the problem is built in float64 from the weights as given: built in float32 (for
+    # float32 weights), its values, degrees and null vectors were rounded, and the solvers
+    # stalled at residuals of ~6e-9 of the float64 problem (tol=1e-9 was out of reach)
+    w = w.to(torch.float64)
+    sub_degree = torch.zeros(kept.numel(), dtype=torch.float64, device=device)
+    sub_degree.index_add_(0, row, w)
     sub_labels = torch.unique(labels[kept], return_inverse=True)[1]
     sub_c = int(sub_labels.max()) + 1 if kept.numel() > 0 else 0
+    null_weights = _unit_null_vectors(sub_degree, sub_labels, normalization)
     if normalization is None:
         off, diag = -w, sub_degree
-        bound = 2.0 * max(float(degree.max()), 0.5)
+        bound = 2.0 * max(float(sub_degree.max()), 0.5)
     else:
         inv = _inv_sqrt_degree(sub_degree)
         off, diag = -w * inv[row] * inv[col], torch.ones_like(sub_degree)
         bound = 2.0
-    problem = SymmetricProblem.build(row, col, off, diag, bound, sub_labels, weights[kept], sub_c)
+    problem = SymmetricProblem.build(row, col, off, diag, bound, sub_labels, null_weights, sub_c)
     result = _solve(problem, nev, method, tol, generator, max_iter)
     v = torch.zeros(1, n, nev, dtype=dtype, device=device)
     v[0, kept] = result.eigenvectors.to(dtype)
@@ -959,7 +995,7 @@ def _sparse_eigs(
         v,
         available,
         labels[None],
-        weights[None],
+        comps.null_weights[None, start:stop],
         comps.count[members],
         apply,
         degree[None],
