@@ -95,16 +95,31 @@ def _procrustes(m: Tensor) -> Tensor:
     :func:`~torsion.linalg.polar` goes through ``m^T m``, whose small eigenvalues
     ``cos^2 theta`` lose their relative accuracy as the largest principal angle nears
     ``pi/2``: an error ``eps / cos^2 theta_max`` (4e-4 at ``pi/2 - 1e-7``). The value is
-    therefore the SVD's ``U V^T`` (error ``eps / cos theta_max``), and the derivatives, of
-    every order, are those of ``polar`` (the same function, whose Daleckii-Krein gradient
-    stays finite at repeated singular values, where the SVD's does not): ``polar(m)`` plus
-    the detached difference.
+    therefore the SVD's ``U V^T`` (error ``eps / cos theta_max``). Where derivatives may be
+    taken, they are those of ``polar``, of every order (the same function, whose
+    Daleckii-Krein gradient stays finite at repeated singular values, where the SVD's does
+    not): ``polar(m)`` plus the detached difference.
     """
+    if not _carries_derivatives(m):
+        u, _, vh = torch.linalg.svd(m)
+        return u @ vh
     smooth = polar(m)
     with torch.no_grad():
         u, _, vh = torch.linalg.svd(m)
         correction = u @ vh - smooth
     return smooth + correction.detach()
+
+
+def _carries_derivatives(t: Tensor) -> bool:
+    """Whether derivatives may be taken through ``t``: it requires grad (in grad mode), is
+    a forward-mode dual or a ``torch.func`` transform's tensor, or is being traced by
+    ``torch.compile`` (which may differentiate what it traces)."""
+    return (
+        torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and t.requires_grad)
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+    )
 
 
 def _grassmann_log(x: Tensor, y: Tensor) -> Tensor:
