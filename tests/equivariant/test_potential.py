@@ -112,6 +112,72 @@ def test_isolated_atoms_and_empty_structures(model):
     torch.testing.assert_close(energy[0], energy[2])
 
 
+def test_energy_scale_multiplies_the_network_output_but_not_the_atomic_energies(model, generator):
+    """``E_i = energy_scale * readout(h_i) + atomic_energies[species_i]``: with the same
+    parameters, ``E - sum(atomic_energies)`` and the forces scale linearly with it."""
+    pos, species = _cluster(generator)
+    offsets = torch.tensor([-1.5, 0.25, 3.0], dtype=F64)
+    torch.manual_seed(0)
+    scaled = EquivariantPotential(
+        3,
+        cutoff=CUTOFF,
+        channels=4,
+        num_layers=2,
+        num_radial=4,
+        radial_hidden=8,
+        energy_scale=2.5,
+        dtype=F64,
+    )
+    for name, p in model.named_parameters():
+        assert torch.equal(scaled.get_parameter(name), p)
+    with torch.no_grad():
+        model.atomic_energies.copy_(offsets)
+        scaled.atomic_energies.copy_(offsets)
+    reference = offsets[species].sum()
+    energy, forces = energy_and_forces(model, pos, species)
+    scaled_energy, scaled_forces = energy_and_forces(scaled, pos, species)
+    assert (energy - reference).abs() > 1e-3 and forces.abs().max() > 1e-3
+    torch.testing.assert_close(scaled_energy - reference, 2.5 * (energy - reference))
+    torch.testing.assert_close(scaled_forces, 2.5 * forces)
+
+
+def test_avg_num_neighbors_divides_every_layers_messages_by_its_square_root(generator):
+    """Each interaction block is an ``EquivariantConv`` whose summed messages are divided by
+    ``sqrt(avg_num_neighbors)``: on the inputs each layer sees, its output minus its
+    self-connection scales by ``sqrt(a / b)`` from ``avg_num_neighbors=a`` to ``b``."""
+    pos, species = _cluster(generator)
+    models = {}
+    for avg in (4.0, 25.0):
+        torch.manual_seed(0)
+        models[avg] = EquivariantPotential(
+            3,
+            cutoff=CUTOFF,
+            channels=4,
+            num_layers=2,
+            num_radial=4,
+            radial_hidden=8,
+            avg_num_neighbors=avg,
+            dtype=F64,
+        )
+    inputs = []
+    hooks = [
+        conv.register_forward_hook(lambda module, args, out: inputs.append(args))
+        for conv in models[4.0].convs
+    ]
+    with torch.no_grad():
+        models[4.0](pos, species)
+        for hook in hooks:
+            hook.remove()
+        assert len(inputs) == 2
+        for layer, args in enumerate(inputs):
+            messages = {}
+            for avg, potential in models.items():
+                conv = potential.convs[layer]
+                messages[avg] = conv(*args) - conv.self_connection(args[0])
+            assert messages[4.0].abs().max() > 1e-3  # the atoms interact
+            torch.testing.assert_close(messages[4.0], (25.0 / 4.0) ** 0.5 * messages[25.0])
+
+
 def test_radius_graph_matches_a_brute_force_search(generator):
     pos = 2.0 * torch.randn(30, 3, generator=generator, dtype=F64)
     batch = torch.randint(0, 4, (30,), generator=generator)

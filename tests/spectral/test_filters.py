@@ -173,6 +173,74 @@ def test_matches_dense_spectral_definition(name, K, generator):
     torch.testing.assert_close(conv(x, edge_index, weight), expected, rtol=0, atol=1e-8)
 
 
+def _directed_multigraph(generator: torch.Generator):
+    """A directed weighted graph on 8 nodes: random arcs among nodes 0-5 (one direction
+    only, or both with different weights), repeated arcs, self-loops (one at node 1, a
+    repeated one at node 3, one of weight 0 at node 4), a node with out-arcs only (6) and
+    an isolated node (7)."""
+    n = 8
+    arcs = [
+        (i, j)
+        for i in range(6)
+        for j in range(6)
+        if i != j and torch.rand((), generator=generator) < 0.3
+    ]
+    arcs += [*arcs[:3], (6, 0), (6, 3), (1, 1), (3, 3), (3, 3), (4, 4)]
+    edge_index = torch.tensor(arcs, dtype=torch.long).T
+    weight = 0.2 + torch.rand(edge_index.size(1), generator=generator, dtype=DTYPE)
+    weight[-1] = 0.0  # the loop at node 4
+    return edge_index, weight, n
+
+
+def _documented_operator(edge_index, weight, n, add_self_loops):
+    """``D^{-1/2} A D^{-1/2}`` as the module docstring defines it, densely: ``A[t, s]``
+    sums the weights of all edges ``s -> t`` (repeats and self-loops included); with
+    ``add_self_loops`` every node with no self-loop edge (of any weight) gets a unit one;
+    ``D`` sums each row of ``A`` (the degree at the target); isolated nodes: zero rows."""
+    a = torch.zeros(n, n, dtype=DTYPE)
+    a.index_put_((edge_index[1], edge_index[0]), weight, accumulate=True)
+    if add_self_loops:
+        has_loop = torch.zeros(n, dtype=torch.bool)
+        has_loop[edge_index[0, edge_index[0] == edge_index[1]]] = True
+        a += torch.diag((~has_loop).to(DTYPE))
+    deg = a.sum(1)
+    inv = torch.where(deg > 0, deg.clamp_min(1e-300).rsqrt(), 0.0)
+    return inv[:, None] * a * inv[None, :]
+
+
+def _apply_polynomial(op: torch.Tensor, response, K: int, x: torch.Tensor) -> torch.Tensor:
+    """``g_c(S) x[:, c]`` for any square ``S``: the degree-``K`` response, interpolated
+    exactly at ``K + 1`` Chebyshev points, evaluated as a dense matrix polynomial
+    ``sum_k a_k T_k(S)`` (no eigendecomposition: ``S`` need not be symmetric)."""
+    nodes = np.cos((2 * np.arange(K + 1) + 1) * np.pi / (2 * K + 2))
+    coef = _tensor(npcheb.chebfit(nodes, response(_tensor(nodes)).numpy(), K))  # (K+1, C|1)
+    eye = torch.eye(op.size(0), dtype=DTYPE)
+    prev, cur = eye, op
+    out = coef[0] * x
+    for k in range(1, K + 1):
+        out = out + coef[k] * (cur @ x)
+        prev, cur = cur, 2 * op @ cur - prev
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("K", [1, 2, 7])
+@pytest.mark.parametrize("add_self_loops", [False, True], ids=["A", "A+I"])
+def test_matches_documented_operator_on_directed_multigraph(name, K, add_self_loops, generator):
+    """The same polynomial of the non-symmetric operator on a directed graph: degrees summed
+    at the target, repeated edges summed, and ``add_self_loops`` adding a unit loop only
+    where a node has none (an existing loop, even of weight 0, is kept as it is)."""
+    make, _, response = CASES[name]
+    edge_index, weight, n = _directed_multigraph(generator)
+    conv = _randomize(make(K), generator)
+    conv.add_self_loops = add_self_loops
+    x = torch.randn(n, C, generator=generator, dtype=DTYPE)
+    op = _documented_operator(edge_index, weight, n, add_self_loops)
+    assert not torch.allclose(op, op.T)  # the direction of normalisation matters
+    expected = _apply_polynomial(op, response(conv), K, x)
+    torch.testing.assert_close(conv(x, edge_index, weight), expected, rtol=0, atol=1e-8)
+
+
 @pytest.mark.parametrize("K", [1, 3, 5])
 def test_optimal_basis_matches_orthonormal_polynomials(K, generator):
     edge_index, weight, n = _graph(generator)
