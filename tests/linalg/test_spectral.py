@@ -346,3 +346,61 @@ def test_random_spectra_with_repeats(multiplicities, seed, batch):
     torch.testing.assert_close(
         (grad * direction).sum(), (plus - minus) / (2 * step), rtol=1e-6, atol=1e-7
     )
+
+
+def _rank_one(n, *, generator):
+    """``v v^T``: ``eigh`` returns its ``n - 1`` zero eigenvalues as rounding noise of
+    either sign (``+-1e-16`` next to ``|v|^2``), a cluster whose relative gaps are large."""
+    v = torch.randn(n, 1, dtype=torch.float64, generator=generator)
+    return v @ v.mT
+
+
+def test_expm_second_derivative_at_a_rank_one_matrix(generator):
+    """The noise cluster at zero is a tie: dividing rounding errors by its 1e-17 gaps put
+    Hessian-vector products of ``expm`` off by up to 4000 %."""
+    c, d = (torch.randn(4, 4, dtype=torch.float64, generator=generator) for _ in range(2))
+    c, d = c + c.mT, d + d.mT
+
+    def gradient(u, create_graph=False):
+        u = u.clone().requires_grad_()
+        (grad,) = torch.autograd.grad((sym_expm(u) * c).sum(), u, create_graph=create_graph)
+        return u, grad
+
+    for _ in range(5):
+        x = _rank_one(4, generator=generator)
+        u, grad = gradient(x, create_graph=True)
+        (hvp,) = torch.autograd.grad((grad * d).sum(), u)
+        h = 1e-5
+        finite = (gradient(x + h * d)[1] - gradient(x - h * d)[1]) / (2 * h)
+        torch.testing.assert_close(hvp, finite, rtol=1e-7, atol=1e-7 * finite.abs().max())
+
+
+def test_funcm_gradient_at_a_rank_one_matrix(generator):
+    """A user function's difference quotient at the noise cluster divided rounding errors
+    by a 1e-17 gap (a zero gradient entry where the exact one is ``exp[0, 0] = 1``)."""
+    e = torch.randn(4, 4, dtype=torch.float64, generator=generator)
+    e = e + e.mT
+    for _ in range(5):
+        x = _rank_one(4, generator=generator).requires_grad_()
+        (grad,) = torch.autograd.grad((sym_funcm(x, torch.exp, torch.exp) * e).sum(), x)
+        _, frechet = scipy.linalg.expm_frechet(x.detach().numpy(), e.numpy())
+        torch.testing.assert_close(grad, torch.from_numpy(frechet), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "spectrum", "p"),
+    [(torch.float32, [1e-4, 1.0], 10), (torch.float64, [1e-12, 1.0], 30)],
+)
+def test_power_gradient_for_a_large_exponent(dtype, spectrum, p, generator):
+    """``cb^p expm1(p log(ca / cb))`` overflowed once ``p log(ca / cb)`` passed
+    ``log(max float)``: a NaN gradient although the true one is of order one."""
+    x = with_spectrum(torch.tensor(spectrum, dtype=torch.float64), generator=generator)
+    e = torch.randn(2, 2, dtype=torch.float64, generator=generator)
+    x = x.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad((sym_powm(x, float(p)) * e.to(dtype)).sum(), x)
+    # Exact for an integer power: autograd through repeated products, in float64.
+    exact = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad((torch.linalg.matrix_power(exact, p) * e).sum(), exact)
+    expected = (expected + expected.mT) / 2  # sym_powm reads the symmetric part of x
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=rtol)

@@ -13,9 +13,10 @@ diagonal), and its second derivative uses second divided differences:
 
 Both are computed from the one eigendecomposition of the forward pass. Divided
 differences of nearly tied eigenvalues switch to derivatives at a dtype-aware relative
-gap (:func:`torsion._dtypes.tie_tolerance`), so gradients stay finite and exact when
-eigenvalues repeat. The second derivative is assembled from batched matrix products
-(no ``n^3`` tensor), see :func:`_second_frechet_in_eigenbasis`.
+gap (:func:`torsion._dtypes.tie_tolerance`), or at any gap ``eigh`` cannot resolve (see
+:func:`_tie_threshold`), so gradients stay finite and exact when eigenvalues repeat. The
+second derivative is assembled from batched matrix products (no ``n^3`` tensor), see
+:func:`_second_frechet_in_eigenbasis`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class _SpectralFunction:
             ``a - b`` and the clamped eigenvalues ``ca, cb`` (broadcast); its value where
             ``a <= b`` is ignored.
             Without it, a difference quotient is used, with the trapezoid rule on
-            derivatives for relative gaps below :func:`torsion._dtypes.tie_tolerance`.
+            derivatives for ties (gaps up to :func:`_tie_threshold`).
         floor: absolute lower clamp on eigenvalues before ``f`` (ReEig's ``eps``).
         resolution_floor: also clamp at ``eps(dtype) * lambda_max``, the resolution of
             ``eigh``; used by logarithms and roots so they never see a non-positive value.
@@ -88,8 +89,23 @@ def _slopes(fn: _SpectralFunction, lam: Tensor, clamped: Tensor) -> Tensor:
     return torch.where(clamped == lam, fn.df(clamped), 0.0)
 
 
-def _tied(a: Tensor, b: Tensor, tol: float) -> Tensor:
-    return (a - b).abs() <= tol * torch.maximum(a.abs(), b.abs())
+# Eigenvalue gaps up to this many times the resolution of ``eigh`` count as ties.
+_RESOLUTION_TIES = 64.0
+
+
+def _tie_threshold(lam: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Largest gap ``|a - b|`` treated as a tie, for pairs ``a, b`` of eigenvalues ``lam``.
+
+    The relative gap :func:`torsion._dtypes.tie_tolerance` of ``max(|a|, |b|)``, but never
+    below ``64 eps max_k |lam_k|``: ``eigh`` resolves eigenvalues only to about
+    ``eps max_k |lam_k|`` (:func:`torsion._dtypes.eigenvalue_floor`), so a cluster at zero
+    comes out as rounding noise of either sign (``+-1e-17`` next to an eigenvalue 1), whose
+    relative gap is large although the gap itself is noise. Dividing rounding errors by
+    it put second derivatives of ``expm`` at a rank-one matrix off by up to 4000 %.
+    """
+    resolution = _RESOLUTION_TIES * eigenvalue_floor(lam.dtype) * lam.abs().amax(dim=-1)
+    relative = tie_tolerance(lam.dtype) * torch.maximum(a.abs(), b.abs())
+    return torch.maximum(relative, resolution[..., None, None])
 
 
 def _loewner(fn: _SpectralFunction, lam: Tensor, weight: float = 1.0) -> Tensor:
@@ -118,8 +134,8 @@ def _loewner(fn: _SpectralFunction, lam: Tensor, weight: float = 1.0) -> Tensor:
         values = fn.f(clamped)
         quotient = (values[..., :, None] - values[..., None, :]) / gap
         trapezoid = (slopes[..., :, None] + slopes[..., None, :]) / 2
-        scale = torch.maximum(a.abs(), b.abs())
-        loewner = torch.where(gap.abs() <= tie_tolerance(lam.dtype) * scale, trapezoid, quotient)
+        near = gap.abs() <= _tie_threshold(scaled, a, b)
+        loewner = torch.where(near, trapezoid, quotient)
     loewner = torch.where(tied, slopes[..., :, None], loewner)
     n = lam.shape[-1]
     lower = torch.ones(n, n, dtype=torch.bool, device=lam.device).tril()
@@ -169,10 +185,9 @@ def _second_frechet_in_eigenbasis(
 
     Every branch is a product of ``n x n`` matrices, so memory stays ``O(n^2)``.
     """
-    tol = tie_tolerance(lam.dtype)
     li, lj = lam[..., :, None], lam[..., None, :]
-    tied = _tied(li, lj, tol)
     gap = li - lj
+    tied = gap.abs() <= _tie_threshold(lam, li, lj)
     ge, gh = loewner * e, loewner * h
 
     # e, h, G symmetric: h @ (G o e) = ((G o e) @ h)^T, so two products serve four terms.
@@ -463,8 +478,14 @@ _INVSQRT = _SpectralFunction(
 
 def _power(p: float) -> _SpectralFunction:
     def divided_difference(gap: Tensor, ca: Tensor, cb: Tensor) -> Tensor:
-        # (ca^p - cb^p) / (a - b) = cb^p expm1(p log1p((ca - cb) / cb)) / (a - b)
-        return torch.log1p((ca - cb) / cb).mul_(p).expm1_().mul_(cb**p).div_(gap)
+        # Factor out the larger power, so the result is finite wherever ca^p and cb^p are
+        # (cb^p expm1(p log(ca / cb)) overflowed once p log(ca / cb) passed log(max float):
+        # p = 10 at a condition number 1e4 in float32). With r = log(ca / cb) >= 0:
+        # p > 0: ca^p - cb^p = -ca^p expm1(-p r);  p < 0: ca^p - cb^p = cb^p expm1(p r).
+        ratio = torch.log1p((ca - cb) / cb)
+        if p > 0:
+            return ratio.mul_(-p).expm1_().neg_().mul_(ca**p).div_(gap)
+        return ratio.mul_(p).expm1_().mul_(cb**p).div_(gap)
 
     return _SpectralFunction(
         f=lambda t: t**p,
@@ -487,7 +508,8 @@ def sym_funcm(
 
     Computes ``Q diag(f(lam)) Q^T`` from one ``eigh`` of the symmetric part of ``x``, with
     the Daleckii-Krein (Loewner matrix) backward. Near-tied eigenvalues (relative gap
-    below ``eps(dtype) ** (1/3)``) use the midpoint derivative ``df`` instead of a
+    below ``eps(dtype) ** (1/3)``, or gap below ``64 eps max|lambda|``, what ``eigh``
+    cannot resolve) use the mean derivative ``(df(a) + df(b)) / 2`` instead of a
     difference quotient, so gradients stay finite and exact at repeated eigenvalues.
 
     Args:
