@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from torsion.curvature._linop import DenseOperator, LinearOperator, TangentSpace
+from torsion.testing import LinearOperatorSuite, OperatorCase
 
 
 def _sym(n, generator):
@@ -133,3 +134,97 @@ def test_tangent_space_protocol():
 
     assert isinstance(Flat(), TangentSpace)
     assert not isinstance(object(), TangentSpace)
+
+
+def _nonsym(n, generator):
+    return torch.randn(n, n, dtype=torch.float64, generator=generator)
+
+
+def test_symmetric_flag_and_adjoint_of_sums_scalings_and_differences(generator):
+    s1, s2 = _sym(5, generator), _sym(5, generator)
+    m1, m2 = _nonsym(5, generator), _nonsym(5, generator)
+    S1, S2 = DenseOperator(s1, symmetric=True), DenseOperator(s2, symmetric=True)
+    M1, M2 = DenseOperator(m1), DenseOperator(m2)
+    # (operator, its dense matrix, whether every term is declared symmetric)
+    cases = [
+        (S1 + S2, s1 + s2, True),
+        (S1 - S2, s1 - s2, True),
+        (2.5 * S1, 2.5 * s1, True),
+        (-S1 / 4, -s1 / 4, True),
+        (S1 + M1, s1 + m1, False),
+        (M1 + S1, m1 + s1, False),
+        (S1 - M1, s1 - m1, False),
+        (M1 - S1, m1 - s1, False),
+        (M1 + M2, m1 + m2, False),
+        (3 * M1, 3 * m1, False),
+        (-M1, -m1, False),
+        (M1 / 2, m1 / 2, False),
+        (2 * (S1 + M1), 2 * (s1 + m1), False),
+        ((S1 + S2) - 0.5 * M1, s1 + s2 - 0.5 * m1, False),
+        (-(S1 + S2) + S1 * 2, s1 - s2, True),
+    ]
+    x = torch.randn(5, dtype=torch.float64, generator=generator)
+    X = torch.randn(5, 3, dtype=torch.float64, generator=generator)
+    for op, dense, all_symmetric in cases:
+        torch.testing.assert_close(op.to_dense(), dense)
+        # symmetric only when every term is: a flag set on a non-symmetric sum would hand
+        # out the operator itself as its adjoint
+        assert op.symmetric == all_symmetric
+        sp = op.to_scipy()
+        if op.symmetric:
+            torch.testing.assert_close(torch.as_tensor(sp.rmatvec(x.numpy())), dense.mT @ x)
+            torch.testing.assert_close(torch.as_tensor(sp.rmatmat(X.numpy())), dense.mT @ X)
+            torch.testing.assert_close(torch.as_tensor(sp.H @ x.numpy()), dense.mT @ x)
+        else:  # no adjoint rather than a wrong one
+            with pytest.raises(NotImplementedError):
+                sp.rmatvec(x.numpy())
+
+
+def test_to_dense_returns_a_copy_the_operator_does_not_share(generator):
+    a, b = _sym(6, generator), _nonsym(6, generator)
+    A, B = DenseOperator(a.clone(), symmetric=True), DenseOperator(b.clone())
+    V = torch.randn(6, 2, dtype=torch.float64, generator=generator)
+    for op, dense in [(A, a), (B, b), (A + B, a + b), (A - B, a - b), (2 * A, 2 * a), (-B, -b)]:
+        out = op.to_dense()
+        out.add_(5.0)  # the caller owns the result
+        torch.testing.assert_close(op @ V, dense @ V)
+        torch.testing.assert_close(op.to_dense(), dense)
+    torch.testing.assert_close(A.matrix, a)
+    torch.testing.assert_close(B.matrix, b)
+
+
+class TestDenseOperators(LinearOperatorSuite):
+    """DenseOperator (with a parameter layout) and its sums, differences and multiples."""
+
+    @pytest.fixture(params=["dense", "sum", "difference", "scaled"])
+    def case(self, request):
+        generator = torch.Generator().manual_seed(1)
+        a, b = _sym(9, generator), _sym(9, generator)
+        A = DenseOperator(a.clone(), param_shapes=SHAPES, symmetric=True)
+        B = DenseOperator(b.clone(), symmetric=True)
+        op, dense = {
+            "dense": (A, a),
+            "sum": (A + B, a + b),
+            "difference": (B - A, b - a),
+            "scaled": (-2.5 * A, -2.5 * a),
+        }[request.param]
+        return OperatorCase(operators=[op], dense=dense)
+
+
+class _AliasedDense(DenseOperator):
+    """Writes every product into one reused buffer (a later product overwrites the last)."""
+
+    def _matmat(self, V):
+        if getattr(self, "_buffer", None) is None or self._buffer.shape != V.shape:
+            self._buffer = torch.empty_like(V)
+        return torch.matmul(self.matrix, V, out=self._buffer)
+
+
+def test_operator_suite_rejects_products_aliasing_one_buffer(generator):
+    a = _sym(6, generator)
+    case = OperatorCase(operators=[_AliasedDense(a, symmetric=True)], dense=a)
+    suite = LinearOperatorSuite()
+    suite.test_products_on_vectors_blocks_and_pytrees(case)  # each product alone is right
+    with pytest.raises(AssertionError, match="overwrote an earlier result"):
+        suite.test_results_survive_later_products(case)
+    suite.test_results_survive_later_products(OperatorCase(operators=[DenseOperator(a)], dense=a))

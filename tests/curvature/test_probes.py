@@ -451,6 +451,118 @@ def test_trace_errors():
         trace(CountingDense(torch.eye(4, dtype=torch.int64)), 10)
 
 
+class RecordingDense(CountingDense):
+    """Keeps every block it is multiplied with and its product, to rebuild the samples."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.calls = []
+
+    def matmat(self, v):
+        out = super().matmat(v)
+        self.calls.append((v.clone(), out.clone()))
+        return out
+
+
+def _quadratic_forms(calls):
+    """``z_i^T A z_i`` for every column of the recorded blocks, in order."""
+    return torch.cat([(z * az).sum(0) for z, az in calls])
+
+
+def _unbiased_standard_error(samples, dim=-1):
+    """``std / sqrt(m)`` with the unbiased (``m - 1``) sample variance, computed by hand."""
+    m = samples.shape[dim]
+    centred = samples - samples.mean(dim=dim, keepdim=True)
+    return (centred.square().sum(dim=dim) / (m - 1) / m).sqrt()
+
+
+def _hutchpp_parts(calls):
+    """Hutch++ from its recorded products: exact part ``tr(Q^T A Q)`` and the deflated
+    samples. The calls are: the sketch, ``A Q``, then the deflated sample blocks."""
+    (_, _), (q, aq), *samples = calls
+    torch.testing.assert_close(q.mT @ q, torch.eye(q.shape[1], dtype=F64))
+    return (q * aq).sum(), samples
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
+def test_trace_standard_error_is_the_unbiased_one_of_its_samples(method):
+    a, _ = with_spectrum(1 + torch.rand(60, dtype=F64, generator=gen(9)), seed=2)
+    op = RecordingDense(a)
+    res = trace(op, 12, method, generator=gen(3))  # few samples: m vs m - 1 shows
+    if method == "hutchinson":
+        exact, samples = 0.0, _quadratic_forms(op.calls)
+    else:
+        exact, blocks = _hutchpp_parts(op.calls)
+        samples = _quadratic_forms(blocks)
+    assert samples.shape[0] == (12 if method == "hutchinson" else 4)
+    torch.testing.assert_close(res.estimate, exact + samples.mean(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        res.standard_error, _unbiased_standard_error(samples), rtol=1e-13, atol=0
+    )
+
+
+@pytest.mark.parametrize(("method", "rtol"), [("hutchinson", 0.1), ("hutchpp", 0.01)])
+def test_trace_rtol_stops_at_the_first_block_meeting_the_documented_rule(method, rtol):
+    # a few large eigenvalues: Hutch++'s exact part dominates and its deflated samples
+    # have a small mean, so the rule must compare against exact part + mean
+    lam = 1 + torch.rand(200, dtype=F64, generator=gen(0))
+    lam[:5] = 200.0
+    a, _ = with_spectrum(lam, seed=1)
+    budget = 120
+    for seed in range(3):
+        op = RecordingDense(a)
+        res = trace(op, budget, method, generator=gen(seed), rtol=rtol)
+        # every block fits one product call here (none is split in chunks of 64)
+        assert all(z.shape[1] < 64 for z, _ in op.calls)
+        if method == "hutchinson":
+            exact, blocks, spent_before = 0.0, op.calls, 0
+        else:
+            exact, blocks = _hutchpp_parts(op.calls)
+            spent_before = 2 * (budget // 3)
+        sizes = [z.shape[1] for z, _ in blocks]
+        assert sizes[0] == 8  # the first block holds 8 samples
+        samples = _quadratic_forms(blocks)
+        # after every block but the last: se > rtol * |estimate|, so sampling went on
+        for end in torch.tensor(sizes).cumsum(0)[:-1].tolist():
+            prefix = samples[:end]
+            se = _unbiased_standard_error(prefix)
+            assert se > rtol * (exact + prefix.mean()).abs(), f"should have stopped at {end}"
+        # and it stopped at the first block that met the rule, before the budget ran out
+        estimate, se = exact + samples.mean(), _unbiased_standard_error(samples)
+        assert se <= rtol * estimate.abs()
+        assert res.matvecs == op.matvecs == spent_before + samples.shape[0] < budget
+        torch.testing.assert_close(res.estimate, estimate, rtol=1e-13, atol=0)
+        torch.testing.assert_close(res.standard_error, se, rtol=1e-13, atol=0)
+
+
+def test_trace_auto_choice_follows_the_documented_variance_prediction():
+    """``_trace_auto``: from a pilot ``Y = A G`` of ``p = m // 3`` products, Hutch++ wins
+    when ``2 tail / (m - 2p) < v_H / m``, with ``v_H`` the unbiased variance of the pilot's
+    ``g_i^T A g_i`` and ``tail = ||(I - P1) A G2||_F^2 / |G2|``, ``P1`` the projection on
+    ``span(A G1)`` for the first half ``G1`` of the pilot."""
+    m, n = 60, 150
+    p = m // 3
+    borderline, methods = 0, set()
+    for rate in (0.85, 0.9):  # decays where either estimator may win
+        a, _ = with_spectrum(rate ** torch.arange(n, dtype=F64) + 0.01, seed=0)
+        for seed in range(6):
+            op = RecordingDense(a)
+            res = trace(op, m, generator=gen(seed))
+            g, y = op.calls[0]
+            assert g.shape[1] == p and bool((g.abs() == 1).all())  # Rademacher pilot
+            v_hutchinson = _unbiased_standard_error(_quadratic_forms([(g, y)])).square() * p
+            y1, y2 = y[:, : p // 2], y[:, p // 2 :]
+            rest = y2 - y1 @ torch.linalg.lstsq(y1, y2).solution
+            tail = rest.square().sum() / y2.shape[1]
+            hutchpp_variance, hutchinson_variance = 2 * tail / (m - 2 * p), v_hutchinson / m
+            wins = bool(hutchpp_variance < hutchinson_variance)
+            assert res.method == ("hutchpp" if wins else "hutchinson"), (rate, seed)
+            methods.add(res.method)
+            # the factor 2 decides here: without it Hutch++ would have won
+            borderline += bool(hutchpp_variance / 2 < hutchinson_variance <= hutchpp_variance)
+    assert methods == {"hutchinson", "hutchpp"} and borderline >= 2
+
+
 # --------------------------------------------------------------------------- diagonal
 
 
@@ -466,6 +578,19 @@ def test_diagonal_unbiased_with_error_bars():
     assert z.abs().max() <= 4.5
     coverage = ((est - truth).abs() <= 1.96 * se).double().mean()
     assert 0.9 <= coverage <= 0.98
+
+
+def test_diagonal_standard_error_is_the_unbiased_one_of_its_samples():
+    a, _ = with_spectrum(hessian_like(30), seed=5)
+    op = RecordingDense(a)
+    res = diagonal(op, 6, generator=gen(1))  # few samples: m vs m - 1 shows
+    z = torch.cat([z for z, _ in op.calls], dim=1)
+    samples = z * (a @ z)  # (n, m): z_i * A z_i per entry
+    assert samples.shape == (30, 6) and bool((z.abs() == 1).all())
+    torch.testing.assert_close(res.estimate, samples.mean(1), rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        res.standard_error, _unbiased_standard_error(samples, dim=1), rtol=1e-13, atol=1e-15
+    )
 
 
 def test_diagonal_exact_for_diagonal_operator_and_pytree():

@@ -201,8 +201,13 @@ class LinearOperatorSuite:
             assert torch.device(op.device) == case.dense.device
 
     def test_dense_matches_the_oracle(self, case: OperatorCase):
+        v = _vectors(case.dense.shape[0], 1, case, seed=9)[:, 0]
         for op in case.operators:
-            torch.testing.assert_close(op.to_dense(), case.dense, atol=case.atol, rtol=0)
+            dense = op.to_dense()
+            torch.testing.assert_close(dense, case.dense, atol=case.atol, rtol=0)
+            # the result belongs to the caller: editing it must not change the operator
+            dense.add_(1.0)
+            torch.testing.assert_close(op.matvec(v), case.dense @ v, atol=case.atol, rtol=0)
 
     def test_products_on_vectors_blocks_and_pytrees(self, case: OperatorCase):
         n = case.dense.shape[0]
@@ -240,6 +245,25 @@ class LinearOperatorSuite:
             torch.testing.assert_close(
                 combined, 2.0 * first[:, 0] - 3.0 * first[:, 1], atol=case.atol * 10, rtol=0
             )
+
+    def test_results_survive_later_products(self, case: OperatorCase):
+        # an operator that writes every product into one reused buffer hands the caller a
+        # result that the next product of the same shape silently overwrites
+        n = case.dense.shape[0]
+        V1, V2 = _vectors(n, 2, case, seed=7), _vectors(n, 2, case, seed=8)
+        for op in case.operators:
+            # the second product of each pair has the first one's shape, right after it
+            block = op.matmat(V1)
+            kept_block = block.clone()
+            op.matmat(V2)
+            assert torch.equal(block, kept_block), "a later matmat overwrote an earlier result"
+            vector = op.matvec(V1[:, 0])
+            kept_vector = vector.clone()
+            op.matvec(V2[:, 0])
+            assert torch.equal(vector, kept_vector), "a later matvec overwrote an earlier result"
+            expected = case.dense @ V1
+            torch.testing.assert_close(block, expected, atol=case.atol, rtol=0)
+            torch.testing.assert_close(vector, expected[:, 0], atol=case.atol, rtol=0)
 
     def test_algebra(self, case: OperatorCase):
         v = _vectors(case.dense.shape[0], 1, case, seed=4)[:, 0]
