@@ -320,6 +320,22 @@ def test_bures_wasserstein_transport_is_the_documented_identity(generator):
     torch.testing.assert_close(moved, _sym(v).expand(2, 3, 3))
 
 
+@pytest.mark.parametrize("cls", METRICS, ids=_ids)
+def test_transport_of_one_vector_to_a_batch_owns_its_memory(cls, generator):
+    """Broadcasting one vector to a batch of points gives a tensor of its own: writing to
+    one transported vector changes neither the others nor ``v`` (an ``expand`` view with
+    stride 0 would change them all)."""
+    manifold = cls()
+    x, y = _spd(3, (3,), generator=generator), _spd(3, (3,), generator=generator)
+    v = _sym(torch.randn(3, 3, dtype=F64, generator=generator))
+    before = v.clone()
+    moved = manifold.transp(x, y, v)
+    others = moved[1:].clone()
+    moved[0].add_(1.0)
+    torch.testing.assert_close(moved[1:], others, rtol=0, atol=0)
+    torch.testing.assert_close(v, before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", [SPDLogEuclidean, SPDLogCholesky], ids=_ids)
 def test_flat_metrics_transport_composes_and_inverts(cls, generator):
     manifold = cls()
