@@ -420,3 +420,15 @@ def test_trusted_inputs_skips_type_and_shape_checks_but_not_value_checks():
             Stiefel(check=True).proju(off, off)
     with pytest.raises(ValueError, match="n >= p"):  # the checks are back after the block
         stiefel.proju(wide, wide)
+
+
+@pytest.mark.parametrize("manifold", [Stiefel(), Grassmann()], ids=["stiefel", "grassmann"])
+@pytest.mark.parametrize(
+    ("option", "value"), [("max_iter", -1), ("step", math.nan), ("step", 0.0), ("tol", math.nan)]
+)
+def test_karcher_flow_options_are_checked_up_front(manifold, option, value):
+    """The base Karcher flow ran with ``step=nan`` (a NaN mean, 'not converged') or
+    ``max_iter=-1`` (no iteration at all) without a word."""
+    points = manifold.random(4, 6, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"frechet_mean: {option} must be"):
+        manifold.frechet_mean(points, **{option: value})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import contextvars
+import math
+import numbers
 from typing import NamedTuple
 
 import geoopt
@@ -63,6 +65,26 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return torch.broadcast_shapes(shape, target) == target
     except RuntimeError:
         return False
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _mean_tolerance(tol: float | None, max_iter: int, step: float, dtype: torch.dtype) -> float:
+    """Check ``frechet_mean``'s options up front and return the tolerance (``sqrt(eps)`` by
+    default): a bad one used to fail deep inside the loop (``max_iter=-1`` raised an
+    ``AssertionError``, a NaN ``step`` a ``LinAlgError`` from ``eigh``) or not at all (a
+    NaN ``tol`` ran ``max_iter`` iterations and reported no convergence)."""
+    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 0:
+        raise ValueError(f"frechet_mean: max_iter must be an integer >= 0, got {max_iter!r}")
+    if not _is_number(step) or not math.isfinite(step) or step <= 0:
+        raise ValueError(f"frechet_mean: step must be a finite number > 0, got {step!r}")
+    if tol is None:
+        return torch.finfo(dtype).eps ** 0.5
+    if not _is_number(tol) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"frechet_mean: tol must be a finite number >= 0, got {tol!r}")
+    return float(tol)
 
 
 class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
@@ -144,7 +166,7 @@ class Manifold(geoopt.Manifold, metaclass=abc.ABCMeta):
             ``mean``: ``(..., *point_shape)``.
         """
         points, weights = self._mean_inputs(points, weights)
-        tol = torch.finfo(points.dtype).eps ** 0.5 if tol is None else tol
+        tol = _mean_tolerance(tol, max_iter, step, points.dtype)
         mean = self._take(points, weights.argmax(dim=-1))
         expand = (..., *([None] * self.ndim))
         for iteration in range(1, max_iter + 1):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 from collections.abc import Callable
 
 import torch
@@ -48,7 +47,7 @@ from torsion.linalg import (
     sym_powm,
     sym_sqrtm,
 )
-from torsion.manifolds._base import FrechetMean, Manifold
+from torsion.manifolds._base import FrechetMean, Manifold, _mean_tolerance
 from torsion.manifolds._matrix import frobenius_inner, sym
 
 __all__ = ["SPDAffineInvariant", "SPDBuresWasserstein", "SPDLogCholesky", "SPDLogEuclidean"]
@@ -90,26 +89,6 @@ def _time(t: Tensor | float, x: Tensor) -> Tensor:
 def _weighted_sum(weights: Tensor, values: Tensor) -> Tensor:
     """``sum_i w_i values_i`` for weights ``(..., N)`` and values ``(..., N, n, n)``."""
     return (weights[..., None, None] * values).sum(dim=-3)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _mean_tolerance(tol: float | None, max_iter: int, step: float, dtype: torch.dtype) -> float:
-    """Check ``frechet_mean``'s options up front and return the tolerance (``sqrt(eps)`` by
-    default): a bad one used to fail deep inside the loop (``max_iter=-1`` raised an
-    ``AssertionError``, a NaN ``step`` a ``LinAlgError`` from ``eigh``) or not at all (a
-    NaN ``tol`` ran ``max_iter`` iterations and reported no convergence)."""
-    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 0:
-        raise ValueError(f"frechet_mean: max_iter must be an integer >= 0, got {max_iter!r}")
-    if not _is_number(step) or not math.isfinite(step) or step <= 0:
-        raise ValueError(f"frechet_mean: step must be a finite number > 0, got {step!r}")
-    if tol is None:
-        return torch.finfo(dtype).eps ** 0.5
-    if not _is_number(tol) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"frechet_mean: tol must be a finite number >= 0, got {tol!r}")
-    return float(tol)
 
 
 def _representable_scale(scale: Tensor) -> Tensor:
