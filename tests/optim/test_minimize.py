@@ -18,7 +18,7 @@ from torsion.manifolds import (
     Stiefel,
 )
 from torsion.optim import METHODS, OptimizeResult, minimize
-from torsion.optim._linesearch import strong_wolfe
+from torsion.optim._linesearch import initial_step, strong_wolfe
 from torsion.optim._objective import Objective
 from torsion.testing import OptimizationProblem, OptimizerSuite, optimization_problems
 
@@ -357,6 +357,41 @@ def test_strong_wolfe_step_satisfies_the_conditions(step, generator):
     assert phi <= value + 1e-4 * t * slope
     assert abs(dphi) <= 0.1 * abs(slope)
     torch.testing.assert_close(new.x, t * direction)
+
+
+@pytest.mark.parametrize("optimism", [2.0, 1.5])
+def test_initial_step_repeats_the_last_decrease_capped_by_the_last_step(optimism):
+    """The documented rule: a unit distance ``1 / ||d||`` first; then ``optimism * 2 (f_prev -
+    f) / |phi'(0)|`` (on a quadratic, the step that repeats the last decrease), never more
+    than ``optimism`` times the last accepted step; the last step again when the decrease
+    is within the noise. The cap binds where the gradient shrank fast: the uncapped guess
+    overestimates the step by the ratio of the decreases."""
+    assert initial_step(
+        value=1.0, previous_value=None, slope=-4.0, direction_norm=2.0, previous_step=None,
+        noise=0.0, optimism=optimism,
+    ) == 0.5  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    capped = uncapped = 0
+    for _ in range(200):
+        value, decrease, slope, previous_step = (
+            10.0 ** (6 * torch.rand((), dtype=F64, generator=generator).item() - 3)
+            for _ in range(4)
+        )
+        noise, previous_value = 1e-3, value + decrease
+        decrease = previous_value - value  # as rounded
+        step = initial_step(
+            value=value, previous_value=previous_value, slope=-slope, direction_norm=1.0,
+            previous_step=previous_step, noise=noise, optimism=optimism,
+        )  # fmt: skip
+        if decrease <= noise:
+            assert step == previous_step
+            continue
+        guess = optimism * 2.0 * decrease / slope
+        assert step <= optimism * previous_step
+        assert step == pytest.approx(min(guess, optimism * previous_step), rel=1e-15)
+        capped += guess > optimism * previous_step
+        uncapped += guess < optimism * previous_step
+    assert capped > 20 and uncapped > 20  # both branches of the rule were exercised
 
 
 # ---------------------------------------------------------------------------------------

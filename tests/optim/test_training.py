@@ -242,6 +242,32 @@ def test_iterates_match_geoopt(manifold, optimizer):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("manifold", ["stiefel-qr", "grassmann", "spd-affine", "geoopt-sphere"])
+def test_sgd_dampening_on_a_manifold_is_torch_sgds_rule(manifold, foreach):
+    """``m = r`` on the first step, then ``m = momentum * m + (1 - dampening) * r``
+    (torch.optim.SGD's rule; geoopt's differs by starting from a zero buffer, so it is no
+    oracle here), ``x, m = retr(x, -lr m), transp(x, x_new, m)``: a loop over the
+    manifold's own maps, one parameter at a time, is the oracle."""
+    options = {"lr": 0.02, "momentum": 0.8, "dampening": 0.6}
+    ours = _manifold_params(manifold)
+    got = _train(ours, RiemannianSGD(ours, foreach=foreach, **options))
+    g = _gen(5)  # _train's targets
+    for p in _manifold_params(manifold):
+        target = 0.5 * torch.randn(p.shape, dtype=p.dtype, generator=g)
+        x, m = p.detach().clone(), None
+        for _ in range(8):
+            y = x.clone().requires_grad_()
+            (egrad,) = torch.autograd.grad(
+                0.5 * ((y - target) ** 2).sum() + 0.1 * (y * target).sum() ** 2, y
+            )
+            r = p.manifold.egrad2rgrad(x, egrad)
+            m = r if m is None else options["momentum"] * m + (1 - options["dampening"]) * r
+            new = p.manifold.retr(x, -options["lr"] * m)
+            x, m = new, p.manifold.transp(x, new, m)
+        torch.testing.assert_close(got.pop(0), x, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("manifold", ["stiefel-qr", "spd-affine", "geoopt-sphere"])

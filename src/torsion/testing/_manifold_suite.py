@@ -8,7 +8,9 @@ Subclass it in a ``Test*`` class and set the class attributes::
 
 Every test runs on float64 and float32, unbatched and batched, on fresh random draws
 from several seeds. Oracles are finite differences of the cost along ``expmap`` (a
-second-order retraction) and the definitions themselves, never the implementation.
+second-order retraction), the order of contact of ``retr`` with ``expmap``, a pole ladder
+of ``expmap`` and ``logmap`` for parallel transport, and the definitions themselves, never
+the implementation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from torch import Tensor
 __all__ = ["ManifoldSuite"]
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-3}
-
 
 def _cost(x: Tensor) -> Tensor:
     """A smooth cost with non-trivial gradient and Hessian, summed over the batch."""
@@ -43,7 +44,14 @@ class ManifoldSuite:
         batch_shapes: leading shapes to try.
         tangent_scale: norm of the tangent vectors used where ``expmap`` must stay within
             the injectivity radius.
-        parallel_transport: whether ``transp`` is parallel transport (hence isometric).
+        parallel_transport: whether ``transp`` is parallel transport along the geodesic
+            (hence isometric); checked against a pole ladder of ``expmap`` and ``logmap``.
+        ladder_rungs: rungs of that pole ladder. One is exact on symmetric spaces (SPD
+            affine-invariant, Grassmann, spheres) and flat metrics; elsewhere its error
+            falls like ``ladder_rungs^-2``.
+        second_order_retraction: whether ``retr`` agrees with ``expmap`` to second order
+            (checked: ``dist(R_x(t u), Exp_x(t u)) = O(t^3)``); set it to ``False`` for a
+            retraction documented as first order.
         closed_form_mean: the mean must be exact after zero Karcher iterations.
         point_spread: if set, tests that need several unrelated points draw them within
             this distance of a common random centre, for manifolds whose logarithm is
@@ -55,6 +63,8 @@ class ManifoldSuite:
     batch_shapes: ClassVar[list[tuple[int, ...]]] = [(), (3,)]
     tangent_scale: ClassVar[float] = 0.5
     parallel_transport: ClassVar[bool] = True
+    ladder_rungs: ClassVar[int] = 4
+    second_order_retraction: ClassVar[bool] = True
     closed_form_mean: ClassVar[bool] = False
     point_spread: ClassVar[float | None] = None
 
@@ -140,6 +150,32 @@ class ManifoldSuite:
             velocity = (self.manifold.retr(x, t * u) - self.manifold.retr(x, -t * u)) / (2 * t)
             self.assert_close(velocity, u, dtype, scale=100)
 
+    def test_retraction_lands_on_the_manifold(self, batch, dtype, generator):
+        x = self.point(batch, dtype, generator)
+        for u in (self.tangent(x, generator), self.tangent(x, generator, self.tangent_scale)):
+            y = self.manifold.retr(x, u)
+            assert y.shape == x.shape and y.dtype == dtype
+            ok, reason = self.manifold.check_point_on_manifold(
+                y, explain=True, atol=1e-4, rtol=1e-4
+            )
+            assert ok, reason
+
+    def test_retraction_is_second_order(self, batch, generator):
+        """A second-order retraction meets the geodesic to ``O(t^3)``: halving ``t`` divides
+        ``dist(R_x(t u), Exp_x(t u))`` by about 8 (by 4 for a first-order one, whose
+        velocity, checked above, is still right). The gaps are intrinsic distances, so a
+        quotient manifold may return another representative."""
+        if not self.second_order_retraction:
+            pytest.skip("the retraction is documented as first order")
+        x = self.point(batch, torch.float64, generator)
+        u = self.tangent(x, generator, 1.0)
+        gaps = [
+            self.manifold.dist(self.manifold.retr(x, t * u), self.manifold.expmap(x, t * u))
+            for t in (0.02, 0.01)
+        ]
+        # the floor: a retraction equal to expmap leaves rounding only
+        assert (gaps[1] <= gaps[0] / 6 + 1e-11).all(), (gaps[0] / gaps[1]).tolist()
+
     def test_expmap_and_logmap_are_inverse(self, batch, dtype, generator):
         x = self.point(batch, dtype, generator)
         u = self.tangent(x, generator, self.tangent_scale)
@@ -198,6 +234,41 @@ class ManifoldSuite:
             y = self.manifold.expmap(x, self.tangent(x, generator, self.tangent_scale))
             back = self.manifold.transp(y, x, self.manifold.transp(x, y, u))
             self.assert_close(back, u, dtype, scale=100)
+
+    def _pole_ladder(self, x: Tensor, w: Tensor, v: Tensor) -> Tensor:
+        """``v`` (at ``x``) carried along ``t -> Exp_x(t w)``, ``t`` in ``[0, 1]``, by a pole
+        ladder (Lorenzi & Pennec 2014): per rung from ``a`` to ``b`` with midpoint ``m``,
+        ``v <- -Log_b(Exp_m(-Log_m(Exp_a(v))))``, the geodesic symmetry at ``m``, which
+        on a symmetric space maps ``a`` to ``b`` and its differential ``v`` to minus its
+        parallel transport. The rungs' ends are ``expmap``s from ``x`` itself, so the last
+        is the same representative as ``expmap(x, w)``."""
+        n = self.ladder_rungs
+        start = x
+        for k in range(n):
+            end = self.manifold.expmap(x, w if k + 1 == n else w * ((k + 1) / n))
+            middle = self.manifold.expmap(x, w * ((k + 0.5) / n))
+            far = self.manifold.expmap(start, v)
+            mirrored = self.manifold.expmap(middle, -self.manifold.logmap(middle, far))
+            v = -self.manifold.logmap(end, mirrored)
+            start = end
+        return v
+
+    def test_transport_is_parallel_transport_along_the_geodesic(self, batch, generator):
+        """Isometric, the identity at ``x = y`` and invertible does not make a transport
+        parallel (congruence by Cholesky factors on SPD is all three): compare it with the
+        pole ladder, an independent construction from ``expmap`` and ``logmap`` alone."""
+        if not self.parallel_transport:
+            pytest.skip("transp is documented as a vector transport, not parallel transport")
+        x = self.point(batch, torch.float64, generator)
+        w = self.tangent(x, generator, self.tangent_scale)
+        v = self.tangent(x, generator, 0.5 * self.tangent_scale)
+        y = self.manifold.expmap(x, w)
+        expected = self._pole_ladder(x, w, v)
+        self.assert_close(self.manifold.transp(x, y, v), expected, torch.float64, scale=10)
+        # the geodesic's own velocity arrives as its velocity at y
+        self.assert_close(
+            self.manifold.transp(x, y, w), -self.manifold.logmap(y, x), torch.float64, scale=10
+        )
 
     # -- gradients and Hessians --------------------------------------------------------------
 
