@@ -27,6 +27,7 @@ __all__ = ["ManifoldSuite"]
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-3}
 
+
 def _cost(x: Tensor) -> Tensor:
     """A smooth cost with non-trivial gradient and Hessian, summed over the batch."""
     c = torch.linspace(0.3, 1.7, x.shape[-2] * x.shape[-1], dtype=x.dtype, device=x.device)
