@@ -277,3 +277,38 @@ def test_forward_over_reverse_torch_bug(generator, monkeypatch):
     # the package re-exports the function hvp, which shadows the submodule attribute
     monkeypatch.setattr(hvp_module, "_auto_method", lambda params, block: "forward_over_reverse")
     torch.testing.assert_close(hvp(f, w, v), expected, atol=1e-12, rtol=0)
+
+
+def test_flat_block_after_a_block_of_another_dtype_keeps_full_precision(problem, generator):
+    """The reused transposing buffer must follow the block's dtype: a float64 block after
+    a float32 one of the same shape is not rounded through the old float32 buffer."""
+    params, _, _, f, dense_h = problem
+    graph = GradientGraph(f, params)
+    V = torch.randn(N, 3, dtype=torch.float64, generator=generator)  # rows: transposed
+    low = graph.hvp_flat(V.float())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), dense_h @ V, atol=1e-5, rtol=0)
+    torch.testing.assert_close(graph.hvp_flat(V), dense_h @ V, atol=1e-12, rtol=0)
+
+
+def test_vjp_accepts_dict_cotangents_in_any_key_order(problem, generator):
+    """``vjp`` of a model with dict outputs: the cotangent's keys may come in another
+    order; ``J^T u`` matches the Jacobian oracle (keys matched by name, not position)."""
+    params, model, _, _, _ = problem
+
+    def two_heads(p):
+        out = model(p)
+        return {"first": out[:, 0], "second": out[:, 1] ** 2}
+
+    flat = LAYOUT.flatten(params)
+    jac_first, jac_second = (
+        torch.func.jacrev(lambda t, k=k: two_heads(LAYOUT.unflatten(t))[k])(flat)
+        for k in ("first", "second")
+    )  # (7, N) each
+    u = {
+        "second": torch.randn(7, dtype=torch.float64, generator=generator),
+        "first": torch.randn(7, dtype=torch.float64, generator=generator),
+    }
+    _, jtu = vjp(two_heads, params, u)
+    expected = jac_first.T @ u["first"] + jac_second.T @ u["second"]
+    torch.testing.assert_close(LAYOUT.flatten(jtu), expected, atol=1e-12, rtol=0)

@@ -508,3 +508,43 @@ def test_fisher_falls_back_to_autograd_on_data_dependent_control_flow(generator)
     auto = EmpiricalFisherOperator(model, loss, (x, y)).to_dense()
     by_autograd = EmpiricalFisherOperator(model, loss, (x, y), method="autograd").to_dense()
     torch.testing.assert_close(auto, by_autograd)
+
+
+class _Forces(nn.Module):
+    """Forces ``-dE/dpos`` of a small energy model: a forward torch.func cannot run."""
+
+    def __init__(self, generator):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, dtype=F64, generator=generator))
+        self.v = nn.Parameter(torch.randn(4, dtype=F64, generator=generator))
+
+    def forward(self, pos):
+        pos = pos.detach().requires_grad_()
+        energy = (torch.tanh(pos @ self.w.T) @ self.v).square().sum()
+        (force,) = torch.autograd.grad(-energy, pos, create_graph=True)
+        return force
+
+
+def test_ggn_falls_back_to_autograd_and_keeps_it(generator):
+    """A model whose forward calls ``torch.autograd.grad`` cannot run under torch.func:
+    ``"auto"`` computes the GGN by autograd (against a dense ``J^T H J`` with the Jacobian
+    built row by row) and, as documented, its ``method`` attribute then reads
+    ``"autograd"``, so that later products skip the failing torch.func attempt."""
+    model = _Forces(generator)
+    pos = torch.randn(6, 3, dtype=F64, generator=generator)
+    y = torch.randn(6, 3, dtype=F64, generator=generator)
+    op = GGNOperator(model, _sq, (pos, y))
+    assert op.method == "auto"
+    v = torch.randn(op.shape[0], 2, dtype=F64, generator=generator)
+    got = op @ v
+    assert op.method == "autograd"
+    out = model(pos).reshape(-1)
+    params = [model.w, model.v]
+    jac = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(o, params, retain_graph=True)])
+            for o in out
+        ]
+    )
+    h_loss = torch.func.hessian(lambda o: _sq(o.reshape(6, 3), y))(out.detach())
+    torch.testing.assert_close(got, jac.T @ h_loss @ jac @ v, atol=1e-10, rtol=0)

@@ -785,3 +785,78 @@ def test_slq_steps_past_an_exhausted_space_stay_inside_the_spectrum():
     nodes, weights = slq_quadrature(op, 2, 9, generator=torch.Generator().manual_seed(0))
     assert nodes.min() >= 2.0 - 1e-12 and nodes.max() <= 5.0 + 1e-12
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(2, dtype=F64))
+
+
+# --------------------------------------------------------------------------- mutation round 2
+
+
+def test_eigsh_error_estimates_bound_the_true_error_of_a_float32_operator():
+    """On a float32 operator the Rayleigh-Ritz values carry rounding of order
+    ``eps ||A||``: the reported error estimates must still bound the distance to the
+    nearest true (float64) eigenvalue, over the whole space (Ritz values exact in exact
+    arithmetic) and at a partial one."""
+    for lam, k, tol, seed in [
+        (torch.linspace(-3, 10, 16, dtype=F64), 3, 1e-6, 3),
+        (hessian_like(), 2, 1e-5, 2),
+    ]:
+        a, _ = with_spectrum(lam, seed=seed)
+        res = eigsh(CountingDense(a.float()), k, tol=tol, generator=gen(0))
+        assert res.converged
+        distance = nearest_distance(res.eigenvalues.double(), a)
+        assert (distance <= res.error_estimates.double()).all()
+
+
+def test_eigsh_warm_start_of_one_vector_is_padded_to_a_block():
+    """``v0`` with fewer columns than the block (``k = 2``) is padded with random
+    vectors, so the block still sees both copies of a double top eigenvalue (a single
+    vector's Krylov space sees one copy only and would return 5 and 4)."""
+    lam = torch.cat(
+        [torch.tensor([5.0, 5.0, 4.0], dtype=F64), torch.linspace(-1, 3, 57, dtype=F64)]
+    )
+    a, q = with_spectrum(lam, seed=4)
+    v0 = q[:, 0] + 0.1 * torch.randn(60, dtype=F64, generator=gen(1))
+    res = eigsh(CountingDense(a), 2, v0=v0, generator=gen(0))
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, lam[:2], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("criterion", ["eigenvalue", "residual"])
+def test_eigsh_zero_eigenvalue_meets_the_documented_absolute_floor(criterion):
+    """A wanted eigenvalue 0: the stopping rule's scale is ``eps**(1/3) * anorm``
+    (``anorm <= ||A||``), so on convergence the criterion's measure (error estimate, minus
+    the reported rounding term, or residual) is at most ``tol * eps**(1/3) * ||A||``."""
+    eps = torch.finfo(F64).eps
+    lam = torch.cat([torch.zeros(1, dtype=F64), torch.linspace(0.5, 10, 149, dtype=F64)])
+    a, _ = with_spectrum(lam, seed=4)
+    tol = 1e-3
+    res = eigsh(CountingDense(a), 1, "SA", tol=tol, criterion=criterion, generator=gen(0))
+    assert res.converged
+    target = tol * eps ** (1 / 3) * 10.0
+    if criterion == "residual":
+        assert res.residuals[0] <= target
+    else:
+        ncv = 20  # eigsh's default for k = 1: max(20, 2 k + 6 block_size)
+        assert res.error_estimates[0] <= target + ncv * eps * 10.0
+    assert abs(res.eigenvalues[0]) <= res.error_estimates[0]
+
+
+def test_default_sigma_is_half_the_weighted_median_local_spacing():
+    """The documented rule written out: each node's local spacing is the mean distance to
+    its neighbours (the one neighbour at an end); sigma is half the weighted median of
+    these spacings over all nodes of all probes, weighted by the quadrature weights."""
+    nodes = torch.tensor([[0.0, 0.1, 0.5, 2.0], [-1.0, 0.3, 0.4, 0.45]], dtype=F64)
+    weights = torch.tensor([[0.1, 0.15, 0.35, 0.4], [0.3, 0.12, 0.25, 0.33]], dtype=F64)
+    spacings, masses = [], []
+    for row, mass in zip(nodes.tolist(), weights.tolist(), strict=True):
+        for j, node in enumerate(row):
+            near = [abs(node - row[i]) for i in (j - 1, j + 1) if 0 <= i < len(row)]
+            spacings.append(sum(near) / len(near))
+            masses.append(mass[j])
+    order = sorted(range(len(spacings)), key=spacings.__getitem__)
+    cumulative = 0.0
+    for i in order:
+        cumulative += masses[i]
+        if cumulative >= sum(masses) / 2:
+            median = spacings[i]
+            break
+    torch.testing.assert_close(_default_sigma(nodes, weights), torch.tensor(median / 2, dtype=F64))

@@ -303,3 +303,30 @@ def test_the_message_names_the_group_of_an_added_parameter():
 def test_bad_hyperparameters_raise_value_error(options, message):
     with pytest.raises(ValueError, match=message):
         Landing([ManifoldParameter(torch.eye(4, 2), manifold=Stiefel())], **options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"momentum": 0.9, "nesterov": True},
+        {"momentum": 0.7, "dampening": 0.4},
+    ],
+)
+def test_momentum_steps_follow_the_documented_update(options):
+    """Three steps with changing gradients against the update written out in the class
+    docstring: ``m = momentum m + (1 - dampening) G`` (``m = G`` first), ``D = G + momentum
+    m`` with Nesterov, else ``m``; ``X <- X - lr Lambda(X)`` for the field of ``D``."""
+    momentum, dampening = options["momentum"], options.get("dampening", 0.0)
+    x0 = _near_manifold((6, 3), 0.05, seed=16)
+    grads = [torch.randn(6, 3, dtype=F64, generator=_gen(17 + i)) for i in range(3)]
+    x = ManifoldParameter(x0.clone(), manifold=Stiefel())
+    optimizer = Landing([x], lr=0.2, lambda_regul=1.5, safe_step=None, **options)
+    want, buffer = x0.clone(), None
+    for g in grads:
+        x.grad = g.clone()
+        optimizer.step()
+        buffer = g.clone() if buffer is None else momentum * buffer + (1 - dampening) * g
+        direction = g + momentum * buffer if options.get("nesterov") else buffer
+        field, _ = landing_field(want, relative_gradient(want, direction), 1.5)
+        want = want - 0.2 * field
+    torch.testing.assert_close(x.detach(), want, rtol=1e-13, atol=1e-13)
