@@ -358,3 +358,69 @@ def test_linear_gate_and_edge_embeddings_compile_without_graph_breaks(generator)
     for module, x in cases:
         compiled = torch.compile(module, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), module(x), atol=1e-12, rtol=1e-12)
+
+
+# -- Linear: the documented block formula in the corners e3nn's comparison skips ----------
+
+
+def test_linear_biases_only_the_parity_even_scalars(generator):
+    """Biases go to ``0e`` outputs only: a bias on a ``0o`` output would break parity
+    (``0o`` must flip sign under inversion), so those stay odd functions of the input."""
+    lin = Linear("2x0e + 3x0o + 1x1o", "4x0e + 2x0o + 1x1o", biases=True, dtype=F64)
+    assert lin.bias.shape == (4,)
+    with torch.no_grad():
+        lin.bias.normal_(generator=generator)
+    x = randn(generator, 6, lin.irreps_in.dim)
+    parity = lin.irreps_in.D_from_angles(*torch.zeros(3, dtype=F64), torch.tensor(1))
+    odd = slice(4, 6)  # the 0o outputs: y(-x_odd) = -y(x_odd) with the even inputs fixed
+    torch.testing.assert_close(lin(x @ parity.T)[:, odd], -lin(x)[:, odd], atol=1e-14, rtol=0)
+    torch.testing.assert_close(lin(x @ parity.T)[:, :4], lin(x)[:, :4], atol=1e-14, rtol=0)
+    assert not lin(torch.zeros_like(x))[:, 4:].any()  # no bias on 0o or 1o
+
+
+def test_stiefel_linear_square_blocks_use_the_matrix_as_stored(generator):
+    """``mul_in == mul_out``: the parameter is the ``(mul_in, mul_out)`` matrix itself
+    (transposed storage is for ``mul_in < mul_out`` only), ``y[w] = sum_u W[u, w] x[u]``
+    with no ``1/sqrt(fan_in)``; a non-symmetric orthogonal ``W`` tells ``W`` from ``W^T``."""
+    lin = Linear("3x0e + 3x1o", "3x0e + 3x1o", weight_manifold="stiefel", dtype=F64)
+    q = torch.linalg.qr(randn(generator, 3, 3))[0]
+    assert not torch.allclose(q, q.T)
+    with torch.no_grad():
+        for w in lin.weights:
+            w.copy_(q)
+    x = randn(generator, 5, lin.irreps_in.dim)
+    scalars = x[:, :3] @ q
+    vectors = torch.einsum("nuk,uw->nwk", x[:, 3:].unflatten(-1, (3, 3)), q).flatten(1)
+    torch.testing.assert_close(lin(x), torch.cat([scalars, vectors], 1), atol=1e-14, rtol=0)
+
+
+def test_conv_divides_messages_by_the_root_of_avg_num_neighbors(generator):
+    """``avg_num_neighbors = a`` scales the summed messages by ``1 / sqrt(a)``: without a
+    self-connection the layer is linear in them, so its output is that of ``a = None``
+    divided by ``sqrt(a)``, with the same parameters."""
+    from torsion.equivariant import EquivariantConv
+
+    irreps_in, irreps_sh, irreps_out = "4x0e + 2x1o", "0e + 1o", "3x0e + 2x1o"
+    plain = EquivariantConv(
+        irreps_in, irreps_sh, irreps_out, 4, 8, self_connection=False, dtype=F64
+    )
+    scaled = EquivariantConv(
+        irreps_in,
+        irreps_sh,
+        irreps_out,
+        4,
+        8,
+        avg_num_neighbors=4.0,
+        self_connection=False,
+        dtype=F64,
+    )
+    scaled.load_state_dict(plain.state_dict())
+    x = randn(generator, 5, plain.irreps_node_in.dim)
+    edge_index = torch.tensor([[0, 1, 2, 3, 4, 0], [1, 2, 3, 4, 0, 2]])
+    edge_attr = randn(generator, 6, 4)
+    edge_radial = randn(generator, 6, 4)
+    expected = plain(x, edge_index, edge_attr, edge_radial) / 2.0
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(
+        scaled(x, edge_index, edge_attr, edge_radial), expected, atol=1e-13, rtol=0
+    )

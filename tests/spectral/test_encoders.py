@@ -425,3 +425,124 @@ def test_mask_equals_nan_padding_and_reads_add_laplacian_pe(name):
         assert not torch.allclose(zero_padded, masked)
     with pytest.raises(ValueError, match="mask must be a bool tensor shaped like eigvals"):
         enc(data.eigvecs, data.eigvals, data.batch, mask=~missing[:, :2])
+
+
+# ---------------------------------------------------------------------------------------
+# Dense references of the documented formulas
+# ---------------------------------------------------------------------------------------
+
+
+def _dense_mlp(mlp, h, adjacency=None):
+    """``_MLP`` written out: a GIN layer adds ``A h`` (``A[i, j]`` counts edges ``j -> i``)
+    along the node dimension (the first) before each linear map, ReLU between layers."""
+    layers = list(mlp.layers)
+    for i, layer in enumerate(layers):
+        if adjacency is not None:
+            h = h + torch.einsum("ij,j...->i...", adjacency, h)
+        h = layer(h)
+        if i < len(layers) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def test_signnet_gin_sums_in_neighbours_on_a_directed_graph(generator):
+    """``phi`` as a GIN: each layer adds the sum over the *in*-neighbours ``j -> i`` to
+    the node's own features; checked against a dense adjacency on a directed graph,
+    where in- and out-neighbours differ."""
+    enc = _make("signnet")
+    n, k = 6, 3
+    vecs = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=DTYPE))[0]
+    lam = torch.tensor([0.3, 0.8, 1.2], dtype=DTYPE)
+    edge_index = torch.tensor([[0, 0, 1, 2, 3, 5, 5], [1, 2, 2, 3, 4, 4, 0]])
+    adjacency = torch.zeros(n, n, dtype=DTYPE)
+    adjacency.index_put_((edge_index[1], edge_index[0]), torch.ones(7, dtype=DTYPE), True)
+    assert not torch.equal(adjacency, adjacency.T)
+    h = 0
+    for i in range(k):
+        for s in (1.0, -1.0):
+            x = torch.stack([s * vecs[:, i], lam[i].expand(n)], -1)  # (n, 2)
+            h = h + _dense_mlp(enc.phi, x, adjacency)
+    expected = _dense_mlp(enc.rho, h)
+    got = enc(vecs, lam, edge_index=edge_index)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # no edges at all: the GIN is the node-wise MLP (the self term is kept)
+    empty = torch.empty(2, 0, dtype=torch.long)
+    torch.testing.assert_close(enc(vecs, lam, edge_index=empty), enc(vecs, lam), rtol=0, atol=0)
+
+
+def test_basisnet_matches_a_dense_reference_of_its_eigenspaces(generator):
+    """BasisNet on one graph against its documented formula: each eigenspace ``s``
+    enters as pair features ``(P_s[i, j], lambda_s, d_s)``, pooled to ``[sum_j, diagonal]``
+    and placed in the slot of its first eigenpair; other slots (the rest of a repeated
+    space, a missing pair) stay zero."""
+    n, k = 6, 5
+    enc = _make("basisnet", k=k)
+    vecs = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=DTYPE))[0]
+    lam = torch.tensor([0.2, 0.4, 0.4, 0.9, float("nan")], dtype=DTYPE)
+    vecs[:, 4] = float("nan")
+    spaces = {0: [0], 1: [1, 2], 3: [3]}  # leader slot -> its eigenpairs
+    hidden = enc.phi.layers[-1].out_features
+    slots = torch.zeros(n, k, 2 * hidden, dtype=DTYPE)
+    for leader, members in spaces.items():
+        v = vecs[:, members]
+        feats = torch.stack(
+            [
+                v @ v.T,
+                lam[leader].expand(n, n),
+                torch.full((n, n), float(len(members)), dtype=DTYPE),
+            ],
+            -1,
+        )
+        h = _dense_mlp(enc.phi, feats)  # (n, n, hidden)
+        slots[:, leader] = torch.cat([h.sum(1), h.diagonal(dim1=0, dim2=1).T], -1)
+    expected = _dense_mlp(enc.rho, slots.flatten(1))
+    torch.testing.assert_close(enc(vecs, lam), expected, rtol=0, atol=1e-12)
+
+
+def test_basisnet_tolerance_is_absolute_below_one(generator):
+    """Eigenvalues closer than ``eigval_tol * max(1, |lambda|)`` share a space: near 0 the
+    tolerance is absolute (6e-6 in float64), so 0.01 and 0.01 + 1e-6 are one space
+    and rotations inside it are invisible; 1e-4 apart they are two."""
+    n = 5
+    q = haar_orthogonal(n, generator)
+    enc = _make("basisnet", k=n)
+    mix = torch.eye(n, dtype=DTYPE)
+    mix[:2, :2] = haar_orthogonal(2, generator)
+    lam = torch.tensor([0.01, 0.01 + 1e-6, 0.5, 1.0, 1.5], dtype=DTYPE)
+    torch.testing.assert_close(enc(q @ mix, lam), enc(q, lam), rtol=0, atol=1e-12)
+    lam[1] = 0.01 + 1e-4
+    assert (enc(q @ mix, lam) - enc(q, lam)).abs().max() > 1e-6
+
+
+def test_basisnet_zero_tolerance_still_groups_exact_repeats(generator):
+    """``eigval_tol=0``: exactly equal eigenvalues are one space (basis invariant),
+    eigenvalues 1e-12 apart are two."""
+    n = 5
+    q = haar_orthogonal(n, generator)
+    torch.manual_seed(0)
+    enc = BasisNet(n, OUT, hidden_channels=16, eigval_tol=0.0).double()
+    mix = torch.eye(n, dtype=DTYPE)
+    mix[1:3, 1:3] = haar_orthogonal(2, generator)
+    lam = torch.tensor([0.2, 0.6, 0.6, 1.0, 1.5], dtype=DTYPE)
+    torch.testing.assert_close(enc(q @ mix, lam), enc(q, lam), rtol=0, atol=1e-12)
+    lam[2] = 0.6 + 1e-12
+    assert (enc(q @ mix, lam) - enc(q, lam)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_masked_pair_ignores_its_eigenvector_entries(name, generator):
+    """``mask=False`` drops the whole pair: whatever its eigenvector column holds (the
+    transform stores zeros, a caller may not), the output is that of a zero column."""
+    enc = _make(name)
+    data = EigenBatch(_graphs())
+    vecs, vals = data.eigvecs.nan_to_num(0.0), data.eigvals.nan_to_num(0.0)
+    mask = torch.ones_like(vals, dtype=torch.bool)
+    mask[1, 2] = False  # the hypercube's third pair
+    rows = data.batch == 1
+    garbage = vecs.clone()
+    garbage[rows, 2] = torch.randn(int(rows.sum()), generator=generator, dtype=DTYPE)
+    zeroed = vecs.clone()
+    zeroed[rows, 2] = 0.0
+    expected = enc(zeroed, vals, data.batch, mask=mask)
+    got = enc(garbage, vals, data.batch, mask=mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

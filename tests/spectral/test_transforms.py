@@ -485,3 +485,35 @@ def test_random_walk_pe_handles_graphs_without_undirected_structure(generator):
 def test_docstring_examples_run():
     result = doctest.testmod(transforms_module, extraglobs={"torch": torch}, verbose=False)
     assert result.failed == 0
+
+
+def test_canonical_sign_reads_the_seventh_moment(generator):
+    """A vector whose third and fifth moments vanish but not the seventh: the seventh
+    decides (here negative), not the largest-entry fallback (here positive)."""
+    positive = [1.0, 0.70431297, 0.92292578]
+    negative = [-0.95637521, -0.36422144, -0.9869744120408623, -0.6308172702449802]
+    v = torch.tensor([*positive, *negative], dtype=F64)
+    tau = torch.finfo(F64).eps ** (1 / 3)
+    for p in (3, 5):  # the fixture: both lower moments negligible, the seventh not
+        assert abs(float((v**p).sum())) <= tau * float((v.abs() ** p).sum())
+    assert float((v**7).sum()) < -tau * float((v.abs() ** 7).sum())
+    assert float(v[v.abs().argmax()]) > 0  # the fallback would keep the sign
+    column = torch.stack([v, torch.randn(7, generator=generator, dtype=F64)], 1)
+    assert reference_sign(v) == -1.0
+    expected = [[reference_sign(column[:, j]) for j in range(2)]]
+    assert canonical_signs(column).tolist() == expected
+    batch = torch.tensor([0] * 7 + [1] * 7)
+    two = torch.cat([column, -column])
+    assert canonical_signs(two, batch, 2).tolist() == [expected[0], [-s for s in expected[0]]]
+
+
+@pytest.mark.parametrize("dense_max", [160, 0])
+def test_random_walk_asymmetric_weights_on_symmetric_edges(dense_max, monkeypatch, generator):
+    """Every edge has its reverse but ``w_ij != w_ji``: ``A`` is not symmetric, so the
+    half-products shortcut (valid for a symmetric ``A`` only) must not be taken."""
+    monkeypatch.setattr(transforms_module, "_DENSE_WALK_MAX_NODES", dense_max)
+    n = 20
+    edges = connected_random_graph(n, 10, generator)
+    weight = torch.rand(edges.shape[1], generator=generator, dtype=F64) + 0.1
+    ours = transforms_module.random_walk_return_probabilities(edges, n, 6, weight)
+    torch.testing.assert_close(ours, dense_return_probabilities(edges, n, weight, 6))

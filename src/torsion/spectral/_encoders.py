@@ -556,9 +556,10 @@ class BasisNet(nn.Module):
     """Basis-invariant encoder of the eigenspaces among the first ``k`` eigenpairs.
 
     Eigenpairs are sorted by eigenvalue and grouped into eigenspaces: consecutive
-    eigenvalues closer than ``eigval_tol * max(1, |lambda|)`` belong to the same space. Each
-    eigenspace ``V_s`` (of dimension ``d_s``) enters only through its orthogonal projector
-    ``P_s = V_s V_s^T``, which does not depend on the basis chosen inside the space. A
+    eigenvalues within ``eigval_tol * max(1, |lambda|)`` of each other (exact repeats too,
+    also at ``eigval_tol = 0``) belong to the same space. Each eigenspace ``V_s`` (of
+    dimension ``d_s``) enters only through its orthogonal projector ``P_s = V_s V_s^T``,
+    which does not depend on the basis chosen inside the space. A
     permutation-equivariant network ``phi`` reads every projector as pair features
     ``(P_s[i, j], lambda_s, d_s)`` (an MLP on every pair, a GIN over rows when
     ``edge_index`` is given), pooled over ``j`` (row sum and diagonal); the resulting node
