@@ -404,3 +404,30 @@ def test_power_gradient_for_a_large_exponent(dtype, spectrum, p, generator):
     expected = (expected + expected.mT) / 2  # sym_powm reads the symmetric part of x
     rtol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=rtol)
+
+
+def test_check_accepts_what_each_function_is_defined_on(generator):
+    """``check=True`` rejects only what a function cannot take: the zero matrix is
+    (exactly) symmetric, and expm, clampm and funcm take indefinite symmetric input."""
+    zero = torch.zeros(2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        sym_expm(zero, check=True), torch.eye(3, dtype=torch.float64).expand(2, 3, 3)
+    )
+    x = with_spectrum(torch.tensor([-2.0, -0.5, 1.0], dtype=torch.float64), generator=generator)
+    torch.testing.assert_close(
+        sym_expm(x, check=True), torch.from_numpy(scipy.linalg.expm(x.numpy()))
+    )
+    torch.testing.assert_close(
+        sym_funcm(x, torch.sin, torch.cos, check=True),
+        torch.from_numpy(scipy.linalg.sinm(x.numpy())),
+    )
+    lam, q = torch.linalg.eigh(x)
+    torch.testing.assert_close(sym_clampm(x, 0.1, check=True), (q * lam.clamp_min(0.1)) @ q.mT)
+
+
+@pytest.mark.parametrize("function", [sym_logm, sym_sqrtm, sym_invsqrtm])
+def test_check_rejects_a_singular_matrix(function):
+    """Positive *definite*: an exactly zero eigenvalue is rejected like a negative one."""
+    x = torch.diag(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"positive definite.*smallest 0"):
+        function(x, check=True)

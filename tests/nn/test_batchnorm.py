@@ -1,6 +1,9 @@
 import copy
+import math
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from tests.nn._spd import F64, random_spd
@@ -146,3 +149,99 @@ def test_bad_input():
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, 3\)"):
         SPDBatchNorm(3)(torch.eye(4).expand(2, 4, 4))
+
+
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_running_statistics_follow_the_momentum_update(metric, generator):
+    """``running <- geodesic(running, batch mean, momentum)`` (linear in the chart for
+    ``"lem"``/``"lcm"``) and ``running_var <- lerp(running_var, dispersion, momentum)``,
+    against the manifold's own Fréchet mean, geodesic and distance (a swapped momentum or
+    geodesic argument order converged to the same limit in the test above)."""
+    manifold = MANIFOLDS[metric]
+    layer = SPDBatchNorm(3, metric, momentum=0.25, karcher_steps=40, dtype=F64)
+    mean, var = torch.eye(3, dtype=F64), torch.tensor(1.0, dtype=F64)
+    for _ in range(2):
+        x = random_spd(6, n=3, generator=generator, spread=0.8)
+        layer(x)
+        batch_mean = _frechet_mean(metric, x)
+        mean = manifold.geodesic(mean, batch_mean, 0.25)
+        var = 0.75 * var + 0.25 * _dispersion(metric, x, batch_mean)
+    torch.testing.assert_close(layer.running_mean, mean, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(layer.running_var, var, atol=1e-9, rtol=1e-9)
+
+
+def _log_cholesky_chart(x):
+    factor = np.linalg.cholesky(x)
+    return np.tril(factor, -1) + np.diag(np.log(np.diag(factor)))
+
+
+def _from_log_cholesky_chart(phi):
+    factor = np.tril(phi, -1) + np.diag(np.exp(np.diag(phi)))
+    return factor @ factor.T
+
+
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_eval_output_is_the_documented_normalisation(metric, generator):
+    """Eval mode: centre at the running mean, scale the log by ``scale / sqrt(var + eps)``,
+    bias to ``B``; checked with SciPy's matrix functions and a large ``eps`` (an ``eps``
+    added outside the square root differs by far more than rounding)."""
+    layer = SPDBatchNorm(3, metric, eps=0.3, dtype=F64)
+    running, bias = random_spd(2, n=3, generator=generator)
+    with torch.no_grad():
+        layer.running_mean.copy_(running)
+        layer.running_var.fill_(0.6)
+        layer.bias.copy_(bias)
+        layer.scale.fill_(0.8)
+    layer.eval()
+    x = random_spd(4, n=3, generator=generator)
+    factor = 0.8 / math.sqrt(0.6 + 0.3)
+    r, b = running.numpy(), bias.numpy()
+    expected = []
+    for a in x.numpy():
+        if metric == "airm":
+            inv_root = scipy.linalg.fractional_matrix_power(r, -0.5)
+            root_b = scipy.linalg.sqrtm(b)
+            inner = scipy.linalg.expm(factor * scipy.linalg.logm(inv_root @ a @ inv_root))
+            expected.append(root_b @ inner @ root_b)
+        elif metric == "lem":
+            logs = factor * (scipy.linalg.logm(a) - scipy.linalg.logm(r)) + scipy.linalg.logm(b)
+            expected.append(scipy.linalg.expm(logs))
+        else:
+            phi = factor * (_log_cholesky_chart(a) - _log_cholesky_chart(r))
+            expected.append(_from_log_cholesky_chart(phi + _log_cholesky_chart(b)))
+    expected = torch.from_numpy(np.real(np.stack(expected)))
+    torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("metric", MANIFOLDS)
+def test_input_is_read_through_its_symmetric_part(metric, generator):
+    """Like torsion.linalg, every chart reads ``(X + X^T) / 2``: a skew perturbation
+    changes neither the output nor the running statistics, and the gradient is symmetric
+    (the log-Cholesky chart read one triangle of ``X`` without it)."""
+    x = random_spd(5, n=3, generator=generator)
+    skew = torch.randn(5, 3, 3, dtype=F64, generator=generator)
+    skew = (skew - skew.mT) / 4
+    layer = SPDBatchNorm(3, metric, dtype=F64)
+    other = copy.deepcopy(layer)
+    torch.testing.assert_close(other(x + skew), layer(x))
+    torch.testing.assert_close(other.running_mean, layer.running_mean)
+    leaf = x.clone().requires_grad_()
+    target = torch.randn(5, 3, 3, dtype=F64, generator=generator)
+    (grad,) = torch.autograd.grad((layer(leaf) * target).sum(), leaf)
+    torch.testing.assert_close(grad, grad.mT)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_airm_batch_mean_is_exactly_karcher_steps_from_the_log_euclidean_mean(steps, generator):
+    """With ``momentum=1`` the running mean is the batch mean: ``karcher_steps`` unit
+    fixed-point steps from the log-Euclidean mean, as the manifold's Karcher flow takes
+    them with ``max_iter=karcher_steps`` (an off-by-one in the step count went unseen with
+    30 steps, converged either way)."""
+    x = random_spd(8, n=3, generator=generator, spread=0.7)
+    layer = SPDBatchNorm(3, "airm", momentum=1.0, karcher_steps=steps, dtype=F64)
+    layer(x)
+    expected = SPDAffineInvariant().frechet_mean(x, tol=0.0, max_iter=steps).mean
+    torch.testing.assert_close(layer.running_mean, expected, atol=1e-12, rtol=1e-12)
+    # the steps matter: one step more lands elsewhere
+    further = SPDAffineInvariant().frechet_mean(x, tol=0.0, max_iter=steps + 1).mean
+    assert (layer.running_mean - further).abs().max() > 1e-6

@@ -3,7 +3,7 @@ import torch
 
 from tests.nn._spd import F64, eigvals, random_spd
 from torsion.linalg import sym_expm, sym_logm
-from torsion.manifolds import SPDAffineInvariant
+from torsion.manifolds import SPDAffineInvariant, SPDLogEuclidean
 from torsion.nn import SPDConv
 
 
@@ -98,3 +98,55 @@ def test_empty_graph_and_bad_input(generator):
         conv(x, edge_index[0])
     with pytest.raises(ValueError, match="aggregation"):
         SPDConv(5, 3, "mean")
+
+
+def test_step_is_clamped_to_the_unit_interval(generator):
+    conv = SPDConv(5, 3, "affine_invariant", dtype=F64)
+    x, edge_index, weight = _graph(generator)
+    _set_step(conv, 1.0)
+    full = conv(x, edge_index, weight)
+    _set_step(conv, 1.7)
+    torch.testing.assert_close(conv(x, edge_index, weight), full)
+    _set_step(conv, -0.3)
+    torch.testing.assert_close(conv(x, edge_index, weight), conv.root_map(x))
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "manifold"),
+    [("log_euclidean", SPDLogEuclidean()), ("affine_invariant", SPDAffineInvariant())],
+)
+def test_combine_is_the_geodesic_step_in_the_aggregations_metric(aggregation, manifold, generator):
+    """At ``0 < t < 1`` the output is ``gamma(R_i, A_i; t)`` on the aggregation's own
+    geodesic (the endpoints ``t = 0, 1`` cannot tell the two metrics' geodesics apart)."""
+    conv = SPDConv(5, 3, aggregation, karcher_steps=40, dtype=F64)
+    _set_step(conv, 0.35)
+    x, edge_index, weight = _graph(generator)
+    y = conv(x, edge_index, weight)
+    messages, roots = conv.message_map(x), conv.root_map(x)
+    for node in range(5):
+        into = edge_index[1] == node
+        mean = manifold.frechet_mean(
+            messages[edge_index[0, into]], weight[into], tol=1e-13, max_iter=200
+        ).mean
+        expected = manifold.geodesic(roots[node], mean, 0.35)
+        torch.testing.assert_close(y[node], expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_affine_invariant_aggregation_takes_exactly_karcher_steps(steps, generator):
+    """``karcher_steps`` unit fixed-point steps from the weighted log-Euclidean mean, as
+    the manifold's Karcher flow takes them with ``max_iter=karcher_steps``."""
+    conv = SPDConv(5, 3, "affine_invariant", karcher_steps=steps, dtype=F64)
+    _set_step(conv, 1.0)
+    x, edge_index, weight = _graph(generator)
+    y = conv(x, edge_index, weight)
+    messages = conv.message_map(x)
+    into = edge_index[1] == 1
+    flow = SPDAffineInvariant().frechet_mean(
+        messages[edge_index[0, into]], weight[into], tol=0.0, max_iter=steps
+    )
+    torch.testing.assert_close(y[1], flow.mean, atol=1e-12, rtol=0)
+    further = SPDAffineInvariant().frechet_mean(
+        messages[edge_index[0, into]], weight[into], tol=0.0, max_iter=steps + 1
+    )
+    assert (y[1] - further.mean).abs().max() > 1e-8

@@ -200,3 +200,30 @@ def test_bad_input():
         FRMap(8, 4)(torch.ones(7, 2))
     with pytest.raises(ValueError, match="n >= 3"):
         OrthMap(3)(torch.eye(2))
+
+
+@pytest.mark.parametrize(("in_size", "out_size"), [(8, 5), (3, 6)])
+def test_frmap_starts_semi_orthogonal(in_size, out_size):
+    """The documented initialisation: ``W`` (semi-)orthogonal, so full rank, in every channel."""
+    torch.manual_seed(0)
+    for layer in (FRMap(in_size, out_size, dtype=F64), FRMap(in_size, out_size, 3, dtype=F64)):
+        w = layer.weight.detach()
+        gram = w @ w.mT if out_size <= in_size else w.mT @ w
+        eye = torch.eye(min(in_size, out_size), dtype=F64).expand_as(gram)
+        torch.testing.assert_close(gram, eye, atol=1e-12, rtol=0)
+
+
+def test_orthmap_gradient_treats_unresolvable_gaps_across_the_cut_as_ties(generator):
+    """A gap across the cut below ``n eps max|lambda|`` (what eigh cannot resolve, see
+    ``_cut``) gets the weight of an exact tie, zero, not ``1 / gap`` (1e15 here)."""
+    eps = torch.finfo(F64).eps
+    target = torch.randn(4, 4, dtype=F64, generator=generator)
+
+    def gradient(lam):
+        x = torch.diag(torch.tensor(lam, dtype=F64)).requires_grad_()
+        (ProjMap()(OrthMap(1)(x)) * target).sum().backward()
+        return x.grad
+
+    near = gradient([0.1, 0.5, 1.0 - 2 * eps, 1.0])
+    torch.testing.assert_close(near, gradient([0.1, 0.5, 1.0, 1.0]), atol=1e-12, rtol=0)
+    assert near.norm() < 10 * target.norm()

@@ -215,3 +215,30 @@ def test_spdnet_with_batchnorm_trains_with_riemannian_adam(generator):
     w = model[0].weight.detach()[0, 0]
     torch.testing.assert_close(w.mT @ w, torch.eye(4, dtype=F64), atol=1e-10, rtol=0)
     assert (eigvals(model[2].bias.detach()) > 0).all()
+
+
+def test_reeig_default_floor_is_spdnets_1e_4(generator):
+    q = torch.linalg.qr(torch.randn(4, 4, dtype=F64, generator=generator))[0]
+    lam = torch.tensor([1e-6, 5e-5, 3e-4, 2.0], dtype=F64)
+    x = (q * lam) @ q.mT
+    torch.testing.assert_close(
+        ReEig()(x), _spectral_oracle(x, lambda t: t.clamp_min(1e-4)), atol=1e-15, rtol=0
+    )
+
+
+def test_check_option_reaches_every_eigen_layer(generator):
+    """``check=True`` validates what each layer needs: symmetry for ExpEig and ReEig,
+    positive definiteness for PowEig, and nothing more (ReEig exists to rectify
+    indefinite input, ExpEig accepts any symmetric matrix)."""
+    skewed = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=F64)
+    indefinite = torch.diag(torch.tensor([-1.0, 0.5], dtype=F64))
+    with pytest.raises(ValueError, match="symmetric"):
+        ExpEig(check=True)(skewed)
+    with pytest.raises(ValueError, match="positive"):
+        PowEig(0.5, check=True)(indefinite)
+    torch.testing.assert_close(
+        ExpEig(check=True)(indefinite), torch.from_numpy(scipy.linalg.expm(indefinite.numpy()))
+    )
+    torch.testing.assert_close(
+        ReEig(0.1, check=True)(indefinite), torch.diag(torch.tensor([0.1, 0.5], dtype=F64))
+    )
