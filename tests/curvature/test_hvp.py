@@ -312,3 +312,23 @@ def test_vjp_accepts_dict_cotangents_in_any_key_order(problem, generator):
     _, jtu = vjp(two_heads, params, u)
     expected = jac_first.T @ u["first"] + jac_second.T @ u["second"]
     torch.testing.assert_close(LAYOUT.flatten(jtu), expected, atol=1e-12, rtol=0)
+
+
+def test_a_function_without_forward_mode_names_the_way_out(generator):
+    """OrthMap's autograd.Function has no jvp: an explicit forward-over-reverse product
+    raised torch's bare NotImplementedError; it now says to use double backward, and
+    'auto' (and double backward) give the product of reverse over reverse."""
+    from torsion.nn import OrthMap
+
+    x = torch.randn(5, 5, dtype=torch.float64, generator=generator)
+    params = {"x": x + x.mT}
+    v = {"x": torch.randn(5, 5, dtype=torch.float64, generator=generator)}
+
+    def f(p):
+        return (OrthMap(2)(p["x"]) @ OrthMap(2)(p["x"]).mT).pow(2).sum() + p["x"].pow(3).sum()
+
+    with pytest.raises(RuntimeError, match="use method='double_backward'"):
+        hvp(f, params, v, method="forward_over_reverse")
+    want = hvp(f, params, v, method="reverse_over_reverse")["x"]
+    for method in ("auto", "double_backward"):
+        torch.testing.assert_close(hvp(f, params, v, method=method)["x"], want)

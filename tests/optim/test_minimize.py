@@ -496,3 +496,11 @@ def test_geoopt_scaled_is_refused_with_the_reason():
     x0 = torch.cat([problem.x0.reshape(-1)[:10], problem.x0.reshape(-1)[:10]])
     with pytest.raises(TypeError, match=r"geoopt\.Scaled"):
         minimize(lambda x: x.sum(), x0, product)
+
+
+def test_numpy_integers_are_counts():
+    """np.int64(5) was refused as 'not an integer' (frechet_mean took it)."""
+    np = pytest.importorskip("numpy")
+    problem = optimization_problems()["procrustes-stiefel"]
+    result = minimize(problem.cost, problem.x0, problem.manifold, "lbfgs", max_iter=np.int64(3))
+    assert result.nit <= 3

@@ -390,6 +390,7 @@ _NOT_TRANSFORMABLE_MARKERS = (
     "Sparse CSR tensors do not have strides",
     "under vmap transform is not allowed",
     "data-dependent control flow",  # vmap of a loss or model that branches on a value
+    "must implement the jvp function",  # an autograd.Function without forward mode (OrthMap)
 )
 _NOT_TRANSFORMABLE = (
     "method={method!r} runs f under torch.func transforms, which f does not support: "

@@ -17,6 +17,7 @@ no second HVP implementation here.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -64,7 +65,7 @@ def check_count(value: object, name: str, minimum: int) -> int:
     """``value`` as an ``int``, if it is a whole number (``10`` or ``10.0``) ``>= minimum``;
     a ``ValueError`` naming the option otherwise (also for ``inf`` and ``nan``)."""
     whole = (
-        isinstance(value, (int, float))
+        isinstance(value, numbers.Real)  # NumPy's integers and floats too
         and not isinstance(value, bool)
         and math.isfinite(value)
         and int(value) == value
