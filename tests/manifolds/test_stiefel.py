@@ -8,6 +8,7 @@ equation, and finite differences.
 from __future__ import annotations
 
 import math
+import warnings
 
 import geoopt
 import pytest
@@ -436,3 +437,58 @@ def test_karcher_flow_options_are_checked_up_front(manifold, option, value):
     points = manifold.random(4, 6, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=rf"frechet_mean: {option} must be"):
         manifold.frechet_mean(points, **{option: value})
+
+
+def test_euclidean_logmap_warns_when_it_lands_on_a_longer_geodesic():
+    """Far apart, the Euclidean shooting converged to a geodesic 37 times longer than the
+    canonical geodesic joining the same points (whose Euclidean length bounds the
+    distance), without a word. The result is still a logarithm; now it says so."""
+    generator = torch.Generator().manual_seed(7)
+    euclidean = Stiefel(metric="euclidean")
+    x = euclidean.random(30, 5, 2, dtype=torch.float64, generator=generator)
+    y = euclidean.random(30, 5, 2, dtype=torch.float64, generator=generator)
+    bound = torch.linalg.matrix_norm(Stiefel(metric="canonical").logmap(x, y))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        distance = euclidean.dist(x, y)
+    longer = distance > bound * (1 + 1e-6)
+    messages = [str(w.message) for w in caught if "longer than the canonical" in str(w.message)]
+    assert bool(longer.any()) == bool(messages)
+    assert not messages or f"for {int(longer.sum())} of 30" in messages[0]
+
+
+_HALF_TURNS = {
+    "St(3, 3), a rotation by pi": (
+        torch.eye(3, dtype=torch.float64),
+        torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64)),
+    ),
+    "St(4, 1), antipodes": (
+        torch.eye(4, 1, dtype=torch.float64),
+        -torch.eye(4, 1, dtype=torch.float64),
+    ),
+    "St(5, 2), y = -x": (
+        torch.eye(5, 2, dtype=torch.float64),
+        -torch.eye(5, 2, dtype=torch.float64),
+    ),
+}
+
+
+@pytest.mark.parametrize("metric", ["canonical", "euclidean"])
+@pytest.mark.parametrize("case", list(_HALF_TURNS))
+def test_logmap_reports_a_half_turn_instead_of_failing_the_batch(metric, case):
+    """A half-turn (``x^T y`` with the eigenvalue -1, on the cut locus: the Cayley
+    transform's ``V + I`` is singular) raised a LinAlgError for the whole batch; now that
+    pair is reported as not converged and the other pair is computed."""
+    x, y = _HALF_TURNS[case]
+    manifold = Stiefel(metric=metric)
+    with pytest.warns(RuntimeWarning, match="did not converge .* for 1 of 2"):
+        distance = manifold.dist(torch.stack([x, x]), torch.stack([x, y]))
+    assert float(distance[0]) == 0.0 and torch.isfinite(distance).all()
+
+
+def test_check_names_the_argument_that_is_not_tangent():
+    stiefel = Stiefel(check=True)
+    x = stiefel.random(5, 2, dtype=torch.float64)
+    v = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"`v` is not tangent: x\^T v \+ v\^T x"):
+        stiefel.transp(x, x, v)

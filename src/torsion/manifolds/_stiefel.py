@@ -35,6 +35,7 @@ formulas and their sources are collected in ``docs/manifolds_stiefel_grassmann.m
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -242,20 +243,26 @@ def _stiefel_exp_velocity(x: Tensor, u: Tensor, canonical: bool) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _log_special_orthogonal(v: Tensor) -> Tensor:
-    """Real skew logarithm of special orthogonal matrices without the eigenvalue ``-1``.
+def _log_special_orthogonal(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Real skew logarithm of special orthogonal matrices without the eigenvalue ``-1``,
+    and where each has none.
 
     Through the Cayley transform ``K = (V + I)^-1 (V - I)``, which is skew with eigenvalues
     ``+-i tan(theta / 2)``: ``log V = 2 arctan(K) = K g(K^T K)`` with
-    ``g(s) = 2 arctan(sqrt(s)) / sqrt(s)``, from one symmetric eigendecomposition.
+    ``g(s) = 2 arctan(sqrt(s)) / sqrt(s)``, from one symmetric eigendecomposition. A ``V``
+    with the eigenvalue ``-1`` (a half-turn, such as ``y = -x``: the cut locus) makes
+    ``V + I`` singular; its logarithm comes out 0 and flagged, so that the caller reports
+    that pair instead of failing the whole batch with a ``LinAlgError``.
     """
     eye = _eye(v.shape[-1], v)
-    k = _skew(torch.linalg.solve(v + eye, v - eye))
+    k, info = torch.linalg.solve_ex(v + eye, v - eye)
+    regular = info == 0
+    k = torch.where(regular[..., None, None], _skew(k), 0.0)
     lam, w = torch.linalg.eigh(k.mT @ k)
     root = lam.clamp_min(0.0).sqrt()
     safe = torch.where(root > 1e-150, root, torch.ones_like(root))
     factor = torch.where(root > 1e-150, 2.0 * torch.atan(safe) / safe, torch.full_like(root, 2.0))
-    return _skew(k @ (w * factor[..., None, :]) @ w.mT)
+    return _skew(k @ (w * factor[..., None, :]) @ w.mT), regular
 
 
 def _sylvester_negative(s: Tensor, c: Tensor) -> Tensor:
@@ -329,16 +336,16 @@ def _canonical_log_reduced(
     m, p = yhat.shape[-2:]
     r = m - p
     if r == 0:
-        log = _log_special_orthogonal(yhat)
-        zero = yhat.new_zeros(yhat.shape[:-2])
-        return _skew(log), yhat.new_zeros((*yhat.shape[:-2], 0, p)), zero, zero == 0
+        log, regular = _log_special_orthogonal(yhat)
+        residual = torch.where(regular, 0.0, math.inf).to(yhat.dtype)
+        return _skew(log), yhat.new_zeros((*yhat.shape[:-2], 0, p)), residual, regular
     completion = _orthogonal_completion(yhat)
     eye = _eye(r, yhat)
     for iteration in range(max_iter + 1):
-        log = _log_special_orthogonal(torch.cat([yhat, completion], dim=-1))
+        log, regular = _log_special_orthogonal(torch.cat([yhat, completion], dim=-1))
         lower = log[..., p:, p:]
-        residual = torch.linalg.matrix_norm(lower)
-        converged = _converged(residual, torch.linalg.matrix_norm(log), tol)
+        residual = torch.where(regular, torch.linalg.matrix_norm(lower), math.inf)
+        converged = _converged(residual, torch.linalg.matrix_norm(log), tol) & regular
         if iteration == max_iter or bool(converged.all()):
             break
         b = log[..., p:, :p]
@@ -475,6 +482,33 @@ def _euclidean_log_reduced(
     return _skew(a), b, residual, converged
 
 
+def _length(a: Tensor, b: Tensor) -> Tensor:
+    """``sqrt(||A||^2 + ||B||^2)``: the Frobenius norm of ``x A + Q B``."""
+    return (torch.linalg.matrix_norm(a) ** 2 + torch.linalg.matrix_norm(b) ** 2).sqrt()
+
+
+def _warn_if_longer(length: Tensor, bound: Tensor, converged: Tensor) -> None:
+    """Warn where the Euclidean shooting converged to a geodesic longer than ``bound``.
+
+    Shooting only drives the endpoint's residual down, and far apart it can land on a
+    long geodesic that also reaches ``y`` (140 where a curve of length 3.8 joins the
+    points, on St(5, 2)): a logarithm, but not the shortest one.
+    """
+    longer = converged & (length > bound * (1 + 1e-6))
+    if bool(longer.any()):
+        index = int(longer.nonzero()[0, 0]) if longer.dim() else 0
+        found = float(length.reshape(-1)[index])
+        shorter = float(bound.reshape(-1)[index])
+        warnings.warn(
+            f"Stiefel.logmap (euclidean metric): for {int(longer.sum())} of {longer.numel()} "
+            f"point pairs the geodesic found is longer than the canonical geodesic joining "
+            f"the same points (e.g. {found:.3g} against {shorter:.3g}): a logarithm, but "
+            "not the shortest one; the points are far apart (see the Stiefel docs)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _stiefel_log(
     x: Tensor, y: Tensor, canonical: bool, tol: float, max_iter: int
 ) -> tuple[Tensor, Tensor]:
@@ -498,7 +532,11 @@ def _stiefel_log(
                 )
         a, b, residual, converged = _canonical_log_reduced(yhat, tol, max_iter)
         if not canonical:
+            # the canonical geodesic also joins x and y, with constant Euclidean speed
+            # ||(a, b)||: its Euclidean length bounds the Euclidean distance
+            bound = torch.where(converged, _length(a, b), math.inf)
             a, b, residual, converged = _euclidean_log_reduced(yhat, a, b, tol, max_iter)
+            _warn_if_longer(_length(a, b), bound, converged)
         failed = ~converged
         if bool(failed.any()):
             worst = float(residual.nan_to_num(float("inf")).amax())
@@ -633,15 +671,16 @@ class _OrthonormalFrames(Manifold):
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
         return _check_point_reason(x, atol=atol, rtol=rtol)
 
-    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5, name="u"):
         if not bool(torch.isfinite(u).all()):
-            return False, "`u` has NaN or infinite entries"
+            return False, f"`{name}` has NaN or infinite entries"
         if u.numel() == 0:
             return True, None
         worst = float(self._tangent_residual(x, u).abs().amax())
         if worst > atol + rtol * max(1.0, float(u.abs().amax())):
+            condition = self._tangent_condition.replace("u", name)
             return False, (
-                f"`u` is not {self._tangent_condition} should vanish, its largest entry is "
+                f"`{name}` is not {condition} should vanish, its largest entry is "
                 f"{worst:.3g} (atol={atol:g}, rtol={rtol:g})"
             )
         return True, None
@@ -652,7 +691,7 @@ class _OrthonormalFrames(Manifold):
 
     def _vector_reason(self, x, u, name):
         tolerance = torch.finfo(x.dtype).eps ** 0.5
-        return self._check_vector_on_tangent(x, u, atol=tolerance, rtol=tolerance)
+        return self._check_vector_on_tangent(x, u, atol=tolerance, rtol=tolerance, name=name)
 
 
 class Stiefel(_OrthonormalFrames):
