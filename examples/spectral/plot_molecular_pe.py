@@ -303,8 +303,11 @@ fig.savefig(out / "molecular_pe.png", dpi=120)
 # 80 s of training on one core) every network beats the trivial predictor (test MAE 1.93)
 # by a factor of three to five, and all curves are still falling at the last epoch: this
 # is a short training run, not a converged benchmark. The test MAEs of seed 0 with the
-# code of 2026-11-25 were 0.50 (no PE), 0.66 (LapPE + SignNet), 0.38 (SPE) and 0.38
-# (RWPE). Changing the initialisation seed moves them by up to about 0.12 (with an earlier
+# code of 2026-11-25 (evening) were 0.50 (no PE), 0.57 (LapPE + SignNet), 0.39 (SPE) and
+# 0.38 (RWPE); that morning's code gave 0.66 for LapPE + SignNet and 0.38 for SPE (the
+# eigenvectors of the 109 disconnected molecules moved at rounding level when each
+# component's null vector got a shift of its own). Changing the initialisation seed moves
+# them by up to about 0.12 (with an earlier
 # version of the code, the means over seeds 0, 1 and 2 were 0.41 (no PE), 0.58 (LapPE +
 # SignNet), 0.40 (SPE) and 0.36 (RWPE); rerun the seeds before quoting a ranking).
 #
@@ -315,7 +318,7 @@ fig.savefig(out / "molecular_pe.png", dpi=120)
 #   rings a node sits on (``[P^t]_ii`` for small even and odd ``t``), and ring sizes (the
 #   large-ring penalty, the SA score's ring terms) are what message passing on these atom
 #   features cannot count; we did not check which part of the target the gain comes from.
-# * **SPE helps at seed 0** (0.38 against 0.50 without PE), but was within the seed spread
+# * **SPE helps at seed 0** (0.39 against 0.50 without PE), but was within the seed spread
 #   of no PE in the three-seed means of the earlier version. It costs about four times the
 #   time of the base network per step, for pair features over whole molecules.
 # * **LapPE + SignNet hurts** here: its training loss falls more slowly too, so it is an
